@@ -1,0 +1,1 @@
+"""Bench stage: eager PyTorch adapter model vs the exported graph under onnxruntime, same process, same inputs."""

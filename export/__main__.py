@@ -1,0 +1,166 @@
+"""``python -m export --run runs/NAME``: RUN/adapter -> RUN/export (model.onnx, tokenizer, labels, manifest)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from train.errors import EdgetuneError  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def parity_texts(run_dir: Path, adapter_labels: list[str], n: int = 64) -> list[str]:
+    """Real dev sentences of the run's dataset (shuffled, fixed seed), or fallback sentences."""
+    import random
+
+    from train.config import load_config
+    from train.data import load_dataset
+
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        cfg = load_config(cfg_path)
+        texts = list(load_dataset(cfg).dev.texts)
+        random.Random(0).shuffle(texts)
+        return texts[:n]
+    raise EdgetuneError(f"{cfg_path} is missing: the parity gate needs the run's dev data (pass --run of a trained run)")
+
+
+def export_run(run_dir: Path, base_model: str = "", tolerance: float = 1e-4) -> dict:
+    """Export RUN/adapter to RUN/export through the parity gate. Returns the manifest."""
+    import onnxruntime as ort
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from export.eager import attach_adapter, load_adapter_model
+    from export.fold import merge_lora
+    from export.graph import OPSET, LogitsOnly, optimize, trace_to_onnx
+    from export.parity import check_parity
+    from train.adapter_io import head_state, load_adapter
+    from train.config import load_config
+    from train.model import base_model_path, load_base
+    from train.prefix import ATTN_MATH, PrefixModel
+
+    t0 = time.perf_counter()
+    adapter_dir = run_dir / "adapter"
+    adapter = load_adapter(adapter_dir)
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    base_path = base_model_path(base_model or adapter.config.get("base_model_name_or_path") or "")
+    max_length = cfg.max_length if cfg else 128
+
+    # The reference: the eager adapter model as trained (SDPA attention, adapter unmerged).
+    eager = load_adapter_model(adapter_dir, str(base_path))
+    bare = PrefixModel(eager.base, None, eager.num_heads).eval() if adapter.method == "p_tuning_v2" else None
+    if adapter.method == "lora":
+        bare = attach_adapter(load_base(base_path, adapter.label_names), _zero_lora(adapter), eager.num_heads)
+    c = eager.base.config
+
+    # The graph to ship.
+    if adapter.method == "lora":
+        plain = load_base(base_path, adapter.label_names, attn="eager")
+        state = merge_lora(plain.state_dict(), adapter.tensors, int(adapter.config["r"]), float(adapter.config["lora_alpha"]))
+        state.update({f"classifier.{k}": v for k, v in head_state(adapter.tensors).items()})
+        plain.load_state_dict(state)
+        module = LogitsOnly(plain).eval()
+        expected = {"Attention": c.num_hidden_layers, "SkipLayerNormalization": 2 * c.num_hidden_layers - 1}
+    else:
+        module = load_adapter_model(adapter_dir, str(base_path), attn=ATTN_MATH)  # plain matmul/softmax attention
+        expected = {"SkipLayerNormalization": 2 * c.num_hidden_layers - 1, "BiasGelu": c.num_hidden_layers}
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=run_dir))
+    try:
+        trace_to_onnx(module, tmp / "raw.onnx")
+        fused = optimize(tmp / "raw.onnx", tmp / "model.onnx", c.num_attention_heads, c.hidden_size, expected)
+        (tmp / "raw.onnx").unlink()
+        session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
+        tok = AutoTokenizer.from_pretrained(base_path)
+        texts = parity_texts(run_dir, adapter.label_names)
+        parity = check_parity(session, eager, bare, tok, texts, max_length, tolerance)
+        for name in TOKENIZER_FILES:
+            if (base_path / name).is_file():
+                shutil.copy2(base_path / name, tmp / name)
+        plain_config = c.to_dict()
+        plain_config.pop("_attn_implementation_autoset", None)
+        plain_config["attn_implementation"] = None
+        (tmp / "config.json").write_text(json.dumps(plain_config, indent=2, default=str))
+        (tmp / "labels.json").write_text(json.dumps(adapter.label_names, indent=1))
+        manifest = {
+            "method": adapter.method,
+            "task": "sequence-classification",
+            "base_model": str(base_path),
+            "adapter_sha256": adapter.sha256,
+            "num_virtual_tokens": int(adapter.config.get("num_virtual_tokens", 0)) if adapter.method == "p_tuning_v2" else 0,
+            "inputs": ["input_ids", "attention_mask"],
+            "outputs": ["logits"],
+            "max_length": max_length,
+            "max_positions": c.max_position_embeddings - (eager.prefix.kv()[0][0].shape[2] if eager.prefix else 0),
+            "num_labels": len(adapter.label_names),
+            "opset": OPSET,
+            "exporter": "torch.onnx (TorchScript) + onnxruntime.transformers.optimizer",
+            "fused_ops": fused,
+            "onnxruntime_version": ort.__version__,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "providers_tested": [parity.provider],
+            "parity": parity.to_dict(),
+            "export_seconds": round(time.perf_counter() - t0, 1),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        target = run_dir / "export"
+        tmp.chmod(0o755)  # mkdtemp makes it private; the export folder is for deploying
+        if target.exists():
+            old = run_dir / ".export.old"
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _zero_lora(adapter):
+    """The same adapter with every LoRA B set to zero: the bare base model with the trained head."""
+    from dataclasses import replace
+
+    import torch
+
+    tensors = {k: (torch.zeros_like(v) if k.endswith("lora_B.weight") else v) for k, v in adapter.tensors.items()}
+    return replace(adapter, tensors=tensors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    ap.add_argument("--run", default="runs/default", help="run folder holding adapter/ (default: runs/default)")
+    ap.add_argument("--base-model", default="", help="base model folder, when the adapter's is not available here")
+    ap.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
+    args = ap.parse_args(argv)
+    try:
+        m = export_run(Path(args.run), args.base_model, args.tolerance)
+    except EdgetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    p = m["parity"]
+    print(
+        f"{m['method']}: exported {args.run}/export/model.onnx; parity max |diff| {p['max_abs_diff']:.2e} over "
+        f"{p['n_samples']} dev sentences (batches {p['batch_sizes']}), argmax agree {p['argmax_agree']:.0%}, "
+        f"adapter effect {p['adapter_effect']:.2f}; fused {m['fused_ops']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

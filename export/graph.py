@@ -1,0 +1,77 @@
+"""Trace the eager model to ONNX, apply onnxruntime's transformer fusions, and check the graph we meant to build."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from train.errors import ExportError
+
+OPSET = 17
+INPUTS = ("input_ids", "attention_mask")
+
+
+class LogitsOnly(nn.Module):
+    """forward(input_ids, attention_mask) -> logits, calling a Hugging Face model by keyword."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def trace_to_onnx(module: nn.Module, path: Path, example_len: int = 16) -> None:
+    """TorchScript-export ``module`` (dynamic batch and sequence axes): the exporter whose graphs onnxruntime fuses."""
+    module.eval()
+    ids = torch.ones((2, example_len), dtype=torch.long)
+    mask = torch.ones((2, example_len), dtype=torch.long)
+    mask[1, example_len // 2 :] = 0  # trace with padding so mask paths are kept
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python control flow in transformers
+        torch.onnx.export(
+            module,
+            (ids, mask),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=list(INPUTS),
+            output_names=["logits"],
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+
+
+def optimize(raw: Path, out: Path, num_heads: int, hidden: int, expected: dict[str, int]) -> dict[str, int]:
+    """Run onnxruntime's BERT fusions and refuse a graph that lacks the fused ops we expect.
+
+    ``expected`` maps op type -> minimum count (e.g. {"Attention": 6} for a plain 6-layer BERT). Returns the
+    fused-op statistics.
+
+    Raises:
+        ExportError: a fusion we count on did not happen (rather than shipping the slow graph silently).
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(raw), model_type="bert", num_heads=num_heads, hidden_size=hidden)
+    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    short = {op: (stats.get(op, 0), n) for op, n in expected.items() if stats.get(op, 0) < n}
+    if short:
+        found = ", ".join(f"{op} {have}/{want}" for op, (have, want) in short.items())
+        raise ExportError(f"onnxruntime fusion fell short ({found}); fused ops: {stats}")
+    opt.save_model_to_file(str(out))
+    onnx.checker.check_model(str(out))
+    return stats
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

@@ -1,0 +1,1 @@
+"""Serve stage: an export folder -> an HTTP service on onnxruntime. No torch here."""

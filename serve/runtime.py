@@ -1,0 +1,80 @@
+"""Load an export folder once and classify texts with onnxruntime + tokenizers + numpy (no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+
+class ServeError(Exception):
+    """A problem with the export folder or a request; the message says what is wrong."""
+
+
+def pick_providers(requested: str = "auto") -> list[str]:
+    """CUDA when onnxruntime-gpu is installed (or asked for), else CPU."""
+    available = ort.get_available_providers()
+    if requested == "cpu":
+        return ["CPUExecutionProvider"]
+    if requested == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ServeError(f"CUDA was asked for but this onnxruntime has only {available} (install onnxruntime-gpu)")
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Classifier:
+    """The exported model, its tokenizer and labels. ``classify(texts)`` -> one dict per text."""
+
+    def __init__(self, export_dir: str | Path, providers: str = "auto", max_length: int | None = None) -> None:
+        d = Path(export_dir)
+        for name in ("model.onnx", "tokenizer.json", "labels.json", "manifest.json"):
+            if not (d / name).is_file():
+                raise ServeError(f"export folder {d} has no {name} (run `make export` first)")
+        self.manifest = json.loads((d / "manifest.json").read_text())
+        self.labels = json.loads((d / "labels.json").read_text())
+        self.max_length = int(max_length or self.manifest.get("max_length", 128))
+        if self.max_length > int(self.manifest.get("max_positions", 512)):
+            raise ServeError(f"max_length {self.max_length} exceeds the model's {self.manifest['max_positions']} positions")
+        self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(d / "model.onnx"), opts, providers=pick_providers(providers))
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        enc = self.tokenizer.encode_batch(texts)
+        return {
+            "input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64),
+        }
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        return self.session.run(["logits"], self.encode(texts))[0]
+
+    def classify(self, texts: list[str], top_k: int = 1) -> list[dict]:
+        probs = softmax(self.logits(texts).astype(np.float64))
+        out = []
+        for row in probs:
+            order = np.argsort(-row)[:top_k]
+            out.append(
+                {
+                    "label": self.labels[order[0]],
+                    "score": float(row[order[0]]),
+                    "top": [{"label": self.labels[i], "score": float(row[i])} for i in order],
+                }
+            )
+        return out

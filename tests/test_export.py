@@ -1,0 +1,88 @@
+"""Export parity for both methods on a tiny random BERT and on the real MiniLM; the gate must bite."""
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.__main__ import export_run
+from export.eager import load_adapter_model
+from export.graph import op_counts
+from export.parity import check_parity
+from tests.helpers import padded_batch
+from train.errors import AdapterError, ParityError
+
+
+@pytest.mark.parametrize("model", ["tiny", "minilm"])
+@pytest.mark.parametrize("method", ["p_tuning_v2", "lora"])
+def test_export_passes_parity_gate(exported, model, method):
+    run = exported(model, method)
+    m = json.loads((run / "export" / "manifest.json").read_text())
+    assert m["method"] == method and m["opset"] == 17 and m["onnxruntime_version"] == ort.__version__
+    p = m["parity"]
+    assert p["max_abs_diff"] <= 1e-4 and p["argmax_agree"] == 1.0 and p["n_samples"] >= 64
+    assert p["batch_sizes"][:3] == [1, 8, 32]
+    assert p["adapter_effect"] > 1e-3  # the adapter changes the logits
+    files = {f.name for f in (run / "export").iterdir()}
+    assert {"model.onnx", "tokenizer.json", "labels.json", "manifest.json", "config.json"} <= files
+    ops = op_counts(run / "export" / "model.onnx")
+    layers = 2 if model == "tiny" else 6
+    if method == "lora":  # merged plain BERT: fully fused attention
+        assert ops.get("Attention", 0) == layers
+    else:  # prefix: the concatenated keys stay plain ops, the rest is fused
+        assert ops.get("Attention", 0) == 0 and ops.get("Softmax") == layers
+    assert ops.get("SkipLayerNormalization", 0) >= 2 * layers - 1
+    assert not list(run.glob(".export*")), "temporary export folders left behind"
+
+
+@torch.inference_mode()
+def test_exported_graph_matches_eager_on_other_shapes(exported, tiny_bert):
+    """Dynamic axes: another batch size and sequence length than traced, with padding."""
+    run = exported("tiny", "p_tuning_v2")
+    ids, mask = padded_batch(tiny_bert)
+    sess = ort.InferenceSession(str(run / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    ref = load_adapter_model(run / "adapter", str(tiny_bert))(ids, mask).numpy()
+    assert np.abs(out - ref).max() < 1e-4
+
+
+def test_gate_catches_a_dropped_adapter(exported, tiny_bert):
+    """An export of the bare base model must fail the gate against the adapter model."""
+    from transformers import AutoTokenizer
+
+    run = exported("tiny", "p_tuning_v2")
+    eager = load_adapter_model(run / "adapter", str(tiny_bert))
+    bare = load_adapter_model(run / "adapter", str(tiny_bert))
+    bare.prefix = None  # what a broken export would ship
+    sess = ort.InferenceSession(str(run / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = ["how do I top up", "my card is lost", "exchange rate please"] * 30
+    check_parity(sess, eager, bare, tok, texts, 32)  # the real export passes
+    with pytest.raises(ParityError, match="differ from eager PyTorch"):
+        check_parity(sess, bare, bare, tok, texts, 32)
+    with pytest.raises(ParityError, match="adapter changes the logits by only"):
+        check_parity(sess, eager, eager, tok, texts, 32)
+
+
+def test_failed_gate_leaves_no_export(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs("tiny", "lora"), run)
+    shutil.rmtree(run / "export", ignore_errors=True)
+    with pytest.raises(ParityError):
+        export_run(run, tolerance=0.0)
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml", "metrics.json"]
+
+
+def test_corrupt_adapter_is_refused(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs("tiny", "p_tuning_v2") / "adapter", run / "adapter")
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(AdapterError, match="corrupt or not a safetensors file"):
+        export_run(run)
+    (run / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="has no adapter_model.safetensors"):
+        export_run(run)
+    assert not (run / "export").exists()

@@ -1,0 +1,62 @@
+"""Our prefix hook against PEFT's own prefix-tuning forward, and adapter interchange with PEFT."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PrefixTuningConfig, TaskType
+
+from export.eager import load_adapter_model
+from tests.helpers import minilm_path, padded_batch, peft_model, random_peft_adapter
+
+
+@torch.inference_mode()
+def _compare(adapter_dir, base_dir, num_labels, atol):
+    ids, mask = padded_batch(base_dir)
+    ours = load_adapter_model(adapter_dir, str(base_dir))(ids, mask)
+    theirs = peft_model(adapter_dir, base_dir, num_labels)(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(ours, theirs, atol=atol), (ours - theirs).abs().max()
+    return ours
+
+
+@pytest.mark.parametrize("model", ["tiny", "minilm"])
+@pytest.mark.parametrize("method", ["p_tuning_v2", "lora"])
+def test_our_adapter_loads_in_peft_with_same_logits(runs, tiny_bert, model, method):
+    run = runs(model, method)
+    base = tiny_bert if model == "tiny" else minilm_path()
+    labels = json.loads((run / "adapter" / "labels.json").read_text())
+    _compare(run / "adapter", base, len(labels), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=7),
+        PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
+        LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value", "dense"]),
+    ],
+    ids=["prefix", "prefix-projection", "lora"],
+)
+def test_peft_written_adapter_gives_peft_logits(tmp_path, tiny_bert, config):
+    adapter = random_peft_adapter(tiny_bert, config, tmp_path / "peft_adapter")
+    ours = _compare(adapter, tiny_bert, 5, atol=1e-5)
+    # and the prefix really matters: without it the logits move
+    ids, mask = padded_batch(tiny_bert)
+    model = load_adapter_model(adapter, str(tiny_bert))
+    model.prefix = None
+    if isinstance(config, PrefixTuningConfig):
+        with torch.inference_mode():
+            assert (model(ids, mask) - ours).abs().max() > 1e-2
+
+
+def test_prefix_positions_and_padding_are_peft_semantics(tmp_path, tiny_bert):
+    """Padding must be masked (changing pad tokens changes nothing) and tokens sit at positions P..P+S-1."""
+    adapter = random_peft_adapter(tiny_bert, PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4), tmp_path / "a")
+    model = load_adapter_model(adapter, str(tiny_bert))
+    ids, mask = padded_batch(tiny_bert)
+    with torch.inference_mode():
+        ref = model(ids, mask)
+        noisy = ids.masked_fill(mask == 0, 1234)  # different pad ids
+        assert torch.allclose(model(noisy, mask), ref, atol=1e-6)
+        single = model(ids[1:2, : int(mask[1].sum())], mask[1:2, : int(mask[1].sum())])  # no padding at all
+        assert torch.allclose(single, ref[1:2], atol=1e-5)

@@ -1,0 +1,120 @@
+"""The server: no torch at serve time, and a real HTTP round trip against the real server process."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from export.eager import load_adapter_model
+from tests.conftest import ROOT
+
+
+def test_serving_never_imports_torch(exported):
+    export_dir = exported("tiny", "p_tuning_v2") / "export"
+    code = (
+        "import sys\n"
+        "from serve.runtime import Classifier\n"
+        "from serve.app import create_app\n"
+        f"c = Classifier({str(export_dir)!r})\n"
+        "create_app(c)\n"
+        "print(c.classify(['how do I top up my card'])[0]['label'])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft'))\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture
+def server(exported):
+    run = exported("minilm", "p_tuning_v2")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--export", str(run / "export"), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+        try:
+            if _request(base + "/health")[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server did not come up in 60 s")
+    yield base, run
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_http_round_trip_matches_eager_model(server):
+    from transformers import AutoTokenizer
+
+    base, run = server
+    texts = [
+        "I still have not received my new card",
+        "How do I top up by bank transfer?",
+        "Why was I charged a fee?",
+        "my card got declined",
+        "cancel the transfer please",
+    ]
+    status, body = _request(base + "/predict", json.dumps({"texts": texts, "top_k": 3}).encode())
+    assert status == 200
+    preds = body["predictions"]
+    assert len(preds) == len(texts) and all(len(p["top"]) == 3 for p in preds)
+    tok = AutoTokenizer.from_pretrained(run / "export")
+    enc = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.inference_mode():
+        logits = load_adapter_model(run / "adapter")(enc["input_ids"], enc["attention_mask"])
+    labels = json.loads((run / "export" / "labels.json").read_text())
+    assert [p["label"] for p in preds] == [labels[i] for i in logits.argmax(-1).tolist()]
+    probs = torch.softmax(logits.double(), -1).max(-1).values
+    assert all(abs(p["score"] - float(q)) < 1e-4 for p, q in zip(preds, probs, strict=True))
+    status, ready = _request(base + "/ready")
+    assert status == 200 and ready["method"] == "p_tuning_v2" and ready["provider"] == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"not json", "not valid JSON"),
+        (b'{"text": "hi"}', '"texts" list'),
+        (b'{"texts": []}', "non-empty list"),
+        (b'{"texts": ["ok", 3]}', "texts[1] is a int"),
+        (b'{"texts": ["ok"], "top_k": 0}', "top_k"),
+    ],
+)
+def test_bad_requests_get_clear_400_and_server_stays_up(server, body, message):
+    base, _ = server
+    status, reply = _request(base + "/predict", body)
+    assert status == 400 and message in reply["error"]
+    assert _request(base + "/health") == (200, {"status": "ok"})

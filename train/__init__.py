@@ -1,0 +1,1 @@
+"""Training stage: dataset -> fine-tuned adapter folder (PEFT format)."""

@@ -1,0 +1,159 @@
+"""Read and write adapters in PEFT's file format (adapter_config.json + adapter_model.safetensors).
+
+Tensor names are PEFT's, so an adapter written here loads with ``peft.PeftModel.from_pretrained`` and the reverse:
+  LoRA:   base_model.model.<module path>.lora_A.weight / .lora_B.weight, base_model.model.classifier.{weight,bias}
+  prefix: prompt_embeddings (P, 2*L*H), base_model.classifier.{weight,bias}
+``labels.json`` beside them holds the class names (PEFT ignores it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from train.config import RunConfig
+from train.errors import AdapterError
+
+CONFIG, WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
+PEFT_VERSION = "0.21.2"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    method: str  # p_tuning_v2 | lora
+    config: dict  # adapter_config.json as read
+    tensors: dict[str, torch.Tensor]
+    label_names: list[str]
+    sha256: str  # of adapter_model.safetensors
+
+
+def peft_config(cfg: RunConfig, model, base_path: str) -> dict:
+    """The adapter_config.json PEFT expects for this run."""
+    c = model.base.config
+    common = {
+        "base_model_name_or_path": base_path,
+        "task_type": "SEQ_CLS",
+        "inference_mode": True,
+        "peft_version": PEFT_VERSION,
+        "revision": None,
+    }
+    if cfg.method == "lora":
+        return {
+            **common,
+            "peft_type": "LORA",
+            "r": cfg.lora_r,
+            "lora_alpha": cfg.lora_alpha,
+            "lora_dropout": cfg.lora_dropout,
+            "target_modules": list(cfg.lora_target_modules),
+            "modules_to_save": ["classifier", "score"],
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+        }
+    return {
+        **common,
+        "peft_type": "PREFIX_TUNING",
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "token_dim": c.hidden_size,
+        "num_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_transformer_submodules": 1,
+        "prefix_projection": cfg.prefix_projection,
+        "encoder_hidden_size": cfg.encoder_hidden_size or c.hidden_size,
+        "modules_to_save": ["classifier", "score"],
+    }
+
+
+def adapter_tensors(model, method: str) -> dict[str, torch.Tensor]:
+    """The trained tensors under PEFT's names (prefix tables folded, as PEFT saves them)."""
+    out = {}
+    head_prefix = "base_model.model.classifier" if method == "lora" else "base_model.classifier"
+    for name, t in model.base.classifier.state_dict().items():
+        out[f"{head_prefix}.{name}"] = t
+    if method == "lora":
+        from train.model import lora_modules
+
+        for path, m in lora_modules(model).items():
+            out[f"base_model.model.{path}.lora_A.weight"] = m.lora_A.weight
+            out[f"base_model.model.{path}.lora_B.weight"] = m.lora_B.weight
+    else:
+        out["prompt_embeddings"] = model.prefix.table()
+    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+
+
+def save_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], label_names: list[str]) -> None:
+    """Write the three adapter files into ``folder`` (which the caller renames into place when complete)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    (folder / CONFIG).write_text(json.dumps(config, indent=2))
+    (folder / LABELS).write_text(json.dumps(label_names, indent=1))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_adapter(folder: Path) -> Adapter:
+    """Read and validate an adapter folder.
+
+    Raises:
+        AdapterError: a file is missing or corrupt, the method is not supported, or tensors are not finite.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist (run `make train` first)")
+    for name in (CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise AdapterError(f"adapter folder {folder} has no {name}")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{folder / CONFIG} is not valid JSON: {e.msg}") from None
+    try:
+        tensors = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{folder / WEIGHTS} is corrupt or not a safetensors file ({e})") from None
+    peft_type = config.get("peft_type")
+    method = {"LORA": "lora", "PREFIX_TUNING": "p_tuning_v2"}.get(peft_type)
+    if method is None:
+        raise AdapterError(f"adapter peft_type {peft_type!r} is not supported here (LORA, PREFIX_TUNING)")
+    if config.get("task_type") != "SEQ_CLS":
+        raise AdapterError(f"adapter task_type {config.get('task_type')!r}: only SEQ_CLS is supported")
+    if method == "p_tuning_v2" and "prompt_embeddings" not in tensors:
+        raise AdapterError(f"{folder / WEIGHTS} has no prompt_embeddings tensor")
+    for k, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"adapter tensor {k} holds NaN or inf")
+    head = head_state(tensors)
+    if "weight" not in head:
+        raise AdapterError(f"{folder / WEIGHTS} has no classifier weights (base_model[.model].classifier.weight)")
+    labels_path = folder / LABELS
+    if labels_path.is_file():
+        label_names = json.loads(labels_path.read_text())
+    else:  # an adapter written by PEFT itself: label names unknown
+        label_names = [f"LABEL_{i}" for i in range(head["weight"].shape[0])]
+    if len(label_names) != head["weight"].shape[0]:
+        raise AdapterError(f"{labels_path} names {len(label_names)} labels, the classifier has {head['weight'].shape[0]}")
+    return Adapter(method, config, tensors, label_names, file_sha256(folder / WEIGHTS))
+
+
+def head_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The classifier's state dict from PEFT tensor names (both the LoRA and the prompt-learning spelling)."""
+    out = {}
+    for prefix in ("base_model.model.classifier.", "base_model.classifier."):
+        for k, v in tensors.items():
+            if k.startswith(prefix):
+                out[k[len(prefix) :]] = v
+    return out

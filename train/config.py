@@ -1,0 +1,155 @@
+"""Run configuration: one frozen dataclass, loaded from YAML with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from train.errors import ConfigError
+
+METHODS = ("p_tuning_v2", "lora")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run depends on. Field comments are the documentation of each key."""
+
+    # model
+    base_model: str = ""  # local Hugging Face model folder; "" = bundled all-MiniLM-L6-v2
+    # data
+    data: str = "banking77"  # builtin dataset (banking77, clinc150, hwu64) or a .csv/.tsv/.jsonl train file
+    dev_data: str = ""  # dev file for a file dataset; "" = split dev_fraction off the train file
+    test_data: str = ""  # test file for a file dataset; "" = split test_fraction off the train file
+    text_column: str = "text"
+    label_column: str = "label"
+    dev_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_length: int = 64  # tokens per example after truncation (virtual tokens not counted)
+    max_train_samples: int = 0  # 0 = all; for smoke runs
+    max_eval_samples: int = 0  # 0 = all; for smoke runs
+    # method
+    method: str = "p_tuning_v2"  # p_tuning_v2 | lora
+    num_virtual_tokens: int = 16  # prefix length P (p_tuning_v2)
+    prefix_projection: bool = False  # reparameterise the prefix through an MLP while training
+    encoder_hidden_size: int = 0  # hidden size of that MLP; 0 = model hidden size
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_target_modules: tuple[str, ...] = ("query", "value")
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 2e-2  # adapter learning rate
+    head_lr: float = 0.0  # classifier learning rate; 0 = same as lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_steps: int = 0  # stop after this many optimiser steps; 0 = run all epochs
+    seed: int = 42
+    bf16: str = "auto"  # auto (on where the hardware has native bf16) | true | false
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
+        if self.bf16 not in ("auto", "true", "false"):
+            raise ConfigError(f"bf16={self.bf16!r} must be auto, true or false")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={self.device!r} must be auto, cpu or cuda")
+        for name in ("epochs", "batch_size", "max_length", "lora_r", "num_virtual_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+        if not self.lora_target_modules:
+            raise ConfigError("lora_target_modules must name at least one module")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lora_target_modules"] = list(self.lora_target_modules)
+        return d
+
+
+_TYPES = typing.get_type_hints(RunConfig)
+
+
+def _coerce(key: str, value: object) -> object:
+    """Turn a YAML value or an override string into the field's type."""
+    typ = _TYPES[key]
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            if isinstance(value, bool):  # YAML reads `bf16: true` as a bool
+                return "true" if value else "false"
+            return "" if value is None else str(value)
+        if typ == tuple[str, ...]:
+            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            return tuple(str(v).strip() for v in items if str(v).strip())
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
+    raise AssertionError(f"unhandled type {typ} for {key}")
+
+
+def _check_key(key: str, source: str) -> None:
+    if key not in _TYPES:
+        valid = ", ".join(f.name for f in fields(RunConfig))
+        raise ConfigError(f"unknown config key {key!r} in {source} (valid keys: {valid})")
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Parse ``key=value`` strings into a dict, refusing malformed items and unknown keys."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        _check_key(key, "overrides")
+        out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a RunConfig from a YAML file (or the defaults) and apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, or a value of the wrong type.
+    """
+    values: dict[str, object] = {}
+    if path:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of key: value")
+        for key, value in loaded.items():
+            _check_key(str(key), str(p))
+            values[key] = value
+    values.update(parse_overrides(overrides or []))
+    return RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

