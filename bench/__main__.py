@@ -27,6 +27,7 @@ BATCHES = (1, 8, 32)
 
 def timed(fn, budget_s: float, min_iters: int = 10, max_iters: int = 300) -> list[float]:
     """Call ``fn`` (after 3 warm-up calls) until the budget is spent; returns milliseconds per call."""
+    time.sleep(0.2)  # let thread pools of the previous runner go idle
     for _ in range(3):
         fn()
     times = []
@@ -59,29 +60,79 @@ def make_inputs(tok, texts: list[str], batch: int, kind: str, max_length: int):
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 
-def measure_cell(eager, session, ids, mask, device, budget_s: float) -> tuple[list[float], list[float]]:
-    """Milliseconds per call of the eager model and of the onnxruntime session on the same inputs."""
+def torch_runner(model, device):
+    """fn(ids, mask) -> fn() running ``model`` (ours, or PEFT's model called by keyword) on the device."""
     import torch
 
-    tids, tmask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
-    feeds = {"input_ids": ids, "attention_mask": mask}
+    def bind(ids, mask):
+        tids, tmask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
-    def run_eager():
-        with torch.inference_mode():
-            eager(tids, tmask)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        def run():
+            with torch.inference_mode():
+                model(tids, tmask)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
 
-    return timed(run_eager, budget_s), timed(lambda: session.run(["logits"], feeds), budget_s)
+        return run
+
+    return bind
 
 
-def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES) -> dict:
+def onnx_runner(session):
+    def bind(ids, mask):
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        return lambda: session.run(["logits"], feeds)
+
+    return bind
+
+
+def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft: bool):
+    """(name, factory) pairs; each factory builds its model or session only when its turn comes."""
+    import onnxruntime as ort
+
+    from export.eager import load_adapter_model
+
+    export_dir = run_dir / "export"
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+    def ours():
+        return torch_runner(load_adapter_model(run_dir / "adapter", manifest["base_model"]).to(device).eval(), device)
+
+    def peft():
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(manifest["base_model"], num_labels=manifest["num_labels"])
+        model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).to(device).eval()
+        return torch_runner(lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits, device)
+
+    def session(name):
+        def make():
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            return onnx_runner(ort.InferenceSession(str(export_dir / name), opts, providers=providers))
+
+        return make
+
+    out = [("eager", ours)]
+    if with_peft:
+        out.append(("peft", peft))
+    out.append(("onnx", session("model.onnx")))
+    if not cuda and (export_dir / "model.int8.onnx").is_file():  # int8 is the CPU graph
+        out.append(("int8", session("model.int8.onnx")))
+    return out
+
+
+def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES, with_peft: bool = True) -> dict:
+    """Time every implementation on the same inputs. One implementation at a time holds the cores (models and
+    sessions are built and dropped in turn, so no idle thread pool competes with the one being timed)."""
+    import gc
+
     import onnxruntime as ort
     import torch
     from transformers import AutoTokenizer
 
     from export.__main__ import parity_texts
-    from export.eager import load_adapter_model
 
     export_dir = run_dir / "export"
     if not (export_dir / "model.onnx").is_file():
@@ -89,36 +140,35 @@ def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES) -> dict:
     manifest = json.loads((export_dir / "manifest.json").read_text())
     cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
     device = torch.device("cuda" if cuda else "cpu")
-    eager = load_adapter_model(run_dir / "adapter", manifest["base_model"]).to(device)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(export_dir / "model.onnx"), opts, providers=providers)
     tok = AutoTokenizer.from_pretrained(export_dir)
-    texts = parity_texts(run_dir, [], n=256)
+    texts = parity_texts(run_dir, n=256)
+    cells = [(kind, b, *make_inputs(tok, texts, b, kind, manifest["max_length"])) for kind in ("seq128", "dev") for b in batches]
+    times: dict[str, list[list[float]]] = {}
+    impls = implementations(run_dir, manifest, device, cuda, with_peft)
+    for name, factory in impls:
+        bind = factory()
+        times[name] = [timed(bind(ids, mask), budget_s) for _, _, ids, mask in cells]
+        print(f"  timed {name}", file=sys.stderr, flush=True)
+        del bind
+        gc.collect()
     rows = []
-    for kind in ("seq128", "dev"):
-        for b in batches:
-            ids, mask = make_inputs(tok, texts, b, kind, manifest["max_length"])
-            e, o = measure_cell(eager, session, ids, mask, device, budget_s)
-            row = {
-                "inputs": kind,
-                "batch": b,
-                "seq_len": int(ids.shape[1]),
-                "eager_p50_ms": statistics.median(e),
-                "eager_p95_ms": pct(e, 0.95),
-                "onnx_p50_ms": statistics.median(o),
-                "onnx_p95_ms": pct(o, 0.95),
-            }
-            row["ratio_eager_over_onnx"] = row["eager_p50_ms"] / row["onnx_p50_ms"]
-            row["onnx_samples_per_s"] = b / row["onnx_p50_ms"] * 1e3
-            row["eager_samples_per_s"] = b / row["eager_p50_ms"] * 1e3
-            rows.append(row)
-            print(format_row(row), flush=True)
+    for i, (kind, b, ids, _) in enumerate(cells):
+        row = {"inputs": kind, "batch": b, "seq_len": int(ids.shape[1])}
+        for name in times:
+            t = times[name][i]
+            row[f"{name}_p50_ms"] = statistics.median(t)
+            row[f"{name}_p95_ms"] = pct(t, 0.95)
+            row[f"{name}_samples_per_s"] = b / row[f"{name}_p50_ms"] * 1e3
+            if name != "eager":
+                row[f"ratio_eager_over_{name}"] = row["eager_p50_ms"] / row[f"{name}_p50_ms"]
+        rows.append(row)
+        print(format_row(row), flush=True)
     return {
         "method": manifest["method"],
         "device": gpu_name() if cuda else cpu_name(),
-        "provider": session.get_providers()[0],
+        "provider": "CUDAExecutionProvider" if cuda else "CPUExecutionProvider",
+        "baseline": "eager: our PyTorch adapter model as trained (SDPA attention, adapter unmerged); "
+        "peft: peft.PeftModel on the same adapter; ratios are eager p50 / other p50",
         "torch_threads": torch.get_num_threads(),
         "onnxruntime": ort.__version__,
         "torch": torch.__version__,
@@ -142,14 +192,23 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name()
 
 
-HEADER = f"{'inputs':7} {'batch':>5} {'seq':>4} | {'eager p50':>9} {'p95':>8} | {'onnx p50':>9} {'p95':>8} | {'eager/onnx':>10} | {'onnx/s':>8}"
+HEADER = (
+    f"{'inputs':7} {'batch':>5} {'seq':>4} | {'eager p50':>9} {'p95':>7} | {'peft p50':>8} | {'onnx p50':>8} {'p95':>7} {'ratio':>6} | "
+    f"{'int8 p50':>8} {'p95':>7} {'ratio':>6} | {'best/s':>7}"
+)
 
 
 def format_row(r: dict) -> str:
-    return (
-        f"{r['inputs']:7} {r['batch']:>5} {r['seq_len']:>4} | {r['eager_p50_ms']:9.2f} {r['eager_p95_ms']:8.2f} | "
-        f"{r['onnx_p50_ms']:9.2f} {r['onnx_p95_ms']:8.2f} | {r['ratio_eager_over_onnx']:9.2f}x | {r['onnx_samples_per_s']:8.0f}"
-    )
+    def cell(name: str, with_p95: bool = True, ratio: bool = True) -> str:
+        if f"{name}_p50_ms" not in r:
+            return f"{'-':>8} " + (f"{'-':>7} " if with_p95 else "") + (f"{'-':>6} " if ratio else "") + "| "
+        out = f"{r[f'{name}_p50_ms']:8.2f} " + (f"{r[f'{name}_p95_ms']:7.2f} " if with_p95 else "")
+        return out + (f"{r[f'ratio_eager_over_{name}']:5.2f}x " if ratio else "") + "| "
+
+    s = f"{r['inputs']:7} {r['batch']:>5} {r['seq_len']:>4} | {r['eager_p50_ms']:9.2f} {r['eager_p95_ms']:7.2f} | "
+    s += cell("peft", False, False) + cell("onnx") + cell("int8")
+    best = max(v for k, v in r.items() if k.endswith("_samples_per_s"))
+    return s + f"{best:7.0f}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -186,11 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--run", default="runs/default")
     ap.add_argument("--budget", type=float, default=1.5, help="seconds of timing per cell and model")
+    ap.add_argument("--no-peft", action="store_true", help="leave out the PEFT baseline")
     args = ap.parse_args(argv)
     run_dir = Path(args.run)
     print(HEADER)
     try:
-        result = bench_run(run_dir, args.budget)
+        result = bench_run(run_dir, args.budget, with_peft=not args.no_peft)
     except EdgetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

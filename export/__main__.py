@@ -19,24 +19,33 @@ from train.errors import EdgetuneError  # noqa: E402
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
-def parity_texts(run_dir: Path, adapter_labels: list[str], n: int = 64) -> list[str]:
-    """Real dev sentences of the run's dataset (shuffled, fixed seed), or fallback sentences."""
-    import random
-
+def dev_split(run_dir: Path):
+    """The run's dev data (train.data.Split), read through the run's own config.yaml."""
     from train.config import load_config
     from train.data import load_dataset
 
     cfg_path = run_dir / "config.yaml"
-    if cfg_path.is_file():
-        cfg = load_config(cfg_path)
-        texts = list(load_dataset(cfg).dev.texts)
-        random.Random(0).shuffle(texts)
-        return texts[:n]
-    raise EdgetuneError(f"{cfg_path} is missing: the parity gate needs the run's dev data (pass --run of a trained run)")
+    if not cfg_path.is_file():
+        raise EdgetuneError(f"{cfg_path} is missing: the parity gate needs the run's dev data (pass --run of a trained run)")
+    return load_dataset(load_config(cfg_path)).dev
 
 
-def export_run(run_dir: Path, base_model: str = "", tolerance: float = 1e-4) -> dict:
-    """Export RUN/adapter to RUN/export through the parity gate. Returns the manifest."""
+def parity_texts(run_dir: Path, n: int = 64) -> list[str]:
+    """``n`` real dev sentences of the run's dataset (shuffled with a fixed seed)."""
+    import random
+
+    texts = list(dev_split(run_dir).texts)
+    random.Random(0).shuffle(texts)
+    return texts[:n]
+
+
+def export_run(
+    run_dir: Path, base_model: str = "", tolerance: float = 1e-4, int8: bool = True, int8_max_drop: float = 0.01
+) -> dict:
+    """Export RUN/adapter to RUN/export through the parity gate (and an int8 graph through its accuracy gate).
+
+    Returns the manifest. Raises EdgetuneError subclasses; on any failure no export folder is left behind.
+    """
     import onnxruntime as ort
     import torch
     import transformers
@@ -85,8 +94,20 @@ def export_run(run_dir: Path, base_model: str = "", tolerance: float = 1e-4) -> 
         (tmp / "raw.onnx").unlink()
         session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
         tok = AutoTokenizer.from_pretrained(base_path)
-        texts = parity_texts(run_dir, adapter.label_names)
+        texts = parity_texts(run_dir)
         parity = check_parity(session, eager, bare, tok, texts, max_length, tolerance)
+        int8_gate = None
+        if int8:
+            import numpy as np
+
+            from export.quantize import check_int8, quantize_int8
+
+            quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
+            dev = dev_split(run_dir)
+            index = {name: i for i, name in enumerate(adapter.label_names)}
+            labels = np.asarray([index.get(label, -1) for label in dev.labels])
+            int8_session = ort.InferenceSession(str(tmp / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+            int8_gate = check_int8(session, int8_session, tok, list(dev.texts), labels, max_length, int8_max_drop)
         for name in TOKENIZER_FILES:
             if (base_path / name).is_file():
                 shutil.copy2(base_path / name, tmp / name)
@@ -114,6 +135,7 @@ def export_run(run_dir: Path, base_model: str = "", tolerance: float = 1e-4) -> 
             "transformers_version": transformers.__version__,
             "providers_tested": [parity.provider],
             "parity": parity.to_dict(),
+            "int8": int8_gate.to_dict() if int8_gate else None,
             "export_seconds": round(time.perf_counter() - t0, 1),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -147,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", default="runs/default", help="run folder holding adapter/ (default: runs/default)")
     ap.add_argument("--base-model", default="", help="base model folder, when the adapter's is not available here")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
+    ap.add_argument("--no-int8", action="store_true", help="do not write the int8 graph for CPU serving")
+    ap.add_argument("--int8-max-drop", type=float, default=0.01, help="dev accuracy the int8 graph may lose (default 0.01)")
     args = ap.parse_args(argv)
     try:
-        m = export_run(Path(args.run), args.base_model, args.tolerance)
+        m = export_run(Path(args.run), args.base_model, args.tolerance, not args.no_int8, args.int8_max_drop)
     except EdgetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -159,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{p['n_samples']} dev sentences (batches {p['batch_sizes']}), argmax agree {p['argmax_agree']:.0%}, "
         f"adapter effect {p['adapter_effect']:.2f}; fused {m['fused_ops']}"
     )
+    if m["int8"]:
+        q = m["int8"]
+        print(
+            f"int8: model.int8.onnx dev accuracy {q['dev_accuracy_int8']:.4f} vs fp32 {q['dev_accuracy_fp32']:.4f} "
+            f"({q['n_samples']} dev sentences, {q['argmax_agree_with_fp32']:.1%} same class as fp32)"
+        )
     return 0
 
 

@@ -71,6 +71,7 @@ def create_app(classifier: Classifier) -> Starlette:
                 "status": "ready",
                 "method": m["method"],
                 "provider": classifier.provider,
+                "precision": classifier.precision,
                 "labels": len(classifier.labels),
                 "adapter_sha256": m["adapter_sha256"],
             }

@@ -34,11 +34,18 @@ def softmax(x: np.ndarray) -> np.ndarray:
 class Classifier:
     """The exported model, its tokenizer and labels. ``classify(texts)`` -> one dict per text."""
 
-    def __init__(self, export_dir: str | Path, providers: str = "auto", max_length: int | None = None) -> None:
+    def __init__(
+        self, export_dir: str | Path, providers: str = "auto", max_length: int | None = None, precision: str = "fp32"
+    ) -> None:
         d = Path(export_dir)
-        for name in ("model.onnx", "tokenizer.json", "labels.json", "manifest.json"):
+        if precision not in ("fp32", "int8"):
+            raise ServeError(f"precision {precision!r} must be fp32 or int8")
+        model = "model.onnx" if precision == "fp32" else "model.int8.onnx"
+        for name in (model, "tokenizer.json", "labels.json", "manifest.json"):
             if not (d / name).is_file():
-                raise ServeError(f"export folder {d} has no {name} (run `make export` first)")
+                hint = "export without --no-int8" if name == "model.int8.onnx" else "run `make export` first"
+                raise ServeError(f"export folder {d} has no {name} ({hint})")
+        self.precision = precision
         self.manifest = json.loads((d / "manifest.json").read_text())
         self.labels = json.loads((d / "labels.json").read_text())
         self.max_length = int(max_length or self.manifest.get("max_length", 128))
@@ -49,7 +56,7 @@ class Classifier:
         self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(d / "model.onnx"), opts, providers=pick_providers(providers))
+        self.session = ort.InferenceSession(str(d / model), opts, providers=pick_providers(providers))
 
     @property
     def provider(self) -> str:
