@@ -58,9 +58,10 @@ def check_parity(
         enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="np")
         feeds = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
         ort_logits = session.run(["logits"], feeds)[0]
-        ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
-        ref = eager(ids, mask).float().numpy()
-        base = bare(ids, mask).float().numpy()
+        device = next(eager.parameters()).device
+        ids, mask = torch.from_numpy(feeds["input_ids"]).to(device), torch.from_numpy(feeds["attention_mask"]).to(device)
+        ref = eager(ids, mask).float().cpu().numpy()
+        base = bare(ids, mask).float().cpu().numpy()
         diffs.append(float(np.abs(ort_logits - ref).max()))
         agree += int((ort_logits.argmax(-1) == ref.argmax(-1)).sum())
         effect = max(effect, float(np.abs(ref - base).max()))

@@ -67,13 +67,46 @@ def test_gate_catches_a_dropped_adapter(exported, tiny_bert):
         check_parity(sess, eager, eager, tok, texts, 32)
 
 
-def test_failed_gate_leaves_no_export(runs, tmp_path):
+@pytest.mark.parametrize(
+    "kw, message", [({"tolerance": 0.0}, "differ from eager"), ({"int8_max_drop": -1.0}, "int8 gate failed")]
+)
+def test_failed_gate_leaves_no_export(runs, tmp_path, kw, message):
     run = tmp_path / "run"
     shutil.copytree(runs("tiny", "lora"), run)
     shutil.rmtree(run / "export", ignore_errors=True)
-    with pytest.raises(ParityError):
-        export_run(run, tolerance=0.0)
+    with pytest.raises(ParityError, match=message):
+        export_run(run, **kw)
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml", "metrics.json"]
+
+
+def test_int8_graph_is_quantised_and_serves(exported):
+    from serve.runtime import Classifier
+
+    run = exported("minilm", "p_tuning_v2")
+    m = json.loads((run / "export" / "manifest.json").read_text())
+    assert m["int8"]["n_samples"] == 96 and 0 <= m["int8"]["dev_accuracy_int8"] <= 1
+    ops = op_counts(run / "export" / "model.int8.onnx")
+    assert ops.get("DynamicQuantizeLinear", 0) + ops.get("DynamicQuantizeMatMul", 0) >= 6
+    c32, c8 = Classifier(run / "export"), Classifier(run / "export", precision="int8")
+    texts = ["I lost my card", "how do I top up?", "what is the exchange rate"]
+    l32, l8 = c32.logits(texts), c8.logits(texts)
+    assert 1e-4 < np.abs(l32 - l8).max() < 1.0  # quantised (not the fp32 graph), and close to it
+
+
+def test_prefix_projection_trains_and_exports(tmp_path, tiny_bert):
+    """The reparameterisation MLP is folded into the saved table; the export and PEFT both read that."""
+    from tests.conftest import train_small
+    from tests.helpers import peft_model
+
+    run = train_small(tmp_path / "proj", "p_tuning_v2", str(tiny_bert), ["prefix_projection=true", "encoder_hidden_size=24"])
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert cfg["prefix_projection"] is True and cfg["encoder_hidden_size"] == 24
+    m = export_run(run, int8=False)
+    assert m["parity"]["max_abs_diff"] <= 1e-4 and m["int8"] is None
+    ids, mask = padded_batch(tiny_bert)
+    ours = load_adapter_model(run / "adapter", str(tiny_bert))(ids, mask)
+    theirs = peft_model(run / "adapter", tiny_bert, len(json.loads((run / "adapter" / "labels.json").read_text())))
+    torch.testing.assert_close(ours, theirs(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_corrupt_adapter_is_refused(runs, tmp_path):
