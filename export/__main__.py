@@ -51,6 +51,7 @@ def export_run(
     import transformers
     from transformers import AutoTokenizer
 
+    from export.attention import ATTN_MHA, register_mha
     from export.eager import attach_adapter, load_adapter_model
     from export.fold import merge_lora
     from export.graph import OPSET, LogitsOnly, optimize, trace_to_onnx
@@ -58,7 +59,7 @@ def export_run(
     from train.adapter_io import head_state, load_adapter
     from train.config import load_config
     from train.model import base_model_path, load_base
-    from train.prefix import ATTN_MATH, PrefixModel
+    from train.prefix import PrefixModel
 
     t0 = time.perf_counter()
     adapter_dir = run_dir / "adapter"
@@ -83,8 +84,13 @@ def export_run(
         module = LogitsOnly(plain).eval()
         expected = {"Attention": c.num_hidden_layers, "SkipLayerNormalization": 2 * c.num_hidden_layers - 1}
     else:
-        module = load_adapter_model(adapter_dir, str(base_path), attn=ATTN_MATH)  # plain matmul/softmax attention
-        expected = {"SkipLayerNormalization": 2 * c.num_hidden_layers - 1, "BiasGelu": c.num_hidden_layers}
+        register_mha()
+        module = load_adapter_model(adapter_dir, str(base_path), attn=ATTN_MHA)  # one MultiHeadAttention node per layer
+        expected = {
+            "MultiHeadAttention": c.num_hidden_layers,
+            "SkipLayerNormalization": 2 * c.num_hidden_layers - 1,
+            "BiasGelu": c.num_hidden_layers,
+        }
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=run_dir))

@@ -32,8 +32,8 @@ def test_export_passes_parity_gate(exported, model, method):
     layers = 2 if model == "tiny" else 6
     if method == "lora":  # merged plain BERT: fully fused attention
         assert ops.get("Attention", 0) == layers
-    else:  # prefix: the concatenated keys stay plain ops, the rest is fused
-        assert ops.get("Attention", 0) == 0 and ops.get("Softmax") == layers
+    else:  # prefix: one MultiHeadAttention per layer, the prefix as its past key/value
+        assert ops.get("MultiHeadAttention", 0) == layers and "Softmax" not in ops
     assert ops.get("SkipLayerNormalization", 0) >= 2 * layers - 1
     assert not list(run.glob(".export*")), "temporary export folders left behind"
 

@@ -16,8 +16,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-ATTN_SDPA = "edgetune_sdpa"  # training and the eager baseline
-ATTN_MATH = "edgetune_math"  # plain matmul/softmax: what the ONNX export traces
+ATTN_SDPA = "edgetune_sdpa"  # training and the eager model (export/attention.py has the exported form)
 
 
 def split_prefix_table(table: torch.Tensor, num_layers: int, num_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -65,35 +64,25 @@ class FrozenPrefix(nn.Module):
         return [(getattr(self, f"key_{i}"), getattr(self, f"value_{i}")) for i in range(self.num_layers)]
 
 
-def prefix_attention(use_sdpa: bool):
-    """Build the attention function; ``prefix_kv`` arrives as a keyword argument from the model's forward."""
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **_):
+    """Attention with the layer's prefix prepended; ``prefix_kv`` arrives as a keyword from PrefixModel.forward.
 
-    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **_):
-        # query/key/value: (B, N, S, D); attention_mask: bool (B, 1, 1|S, P+S), True = attend
-        if prefix_kv is not None:
-            pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)
-            b = query.shape[0]
-            key = torch.cat([pk.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)  # (B, N, P+S, D)
-            value = torch.cat([pv.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
-        if use_sdpa:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
-        else:
-            scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, N, S, P+S)
-            if attention_mask is not None:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-            probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
-            out = torch.matmul(probs, value)  # (B, N, S, D)
-        return out.transpose(1, 2).contiguous(), None  # (B, S, N, D)
-
-    return attend
+    query/key/value: (B, N, S, D); attention_mask: bool (B, 1, 1, P+S), True = attend. Returns (B, S, N, D).
+    """
+    if prefix_kv is not None:
+        pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)
+        b = query.shape[0]
+        key = torch.cat([pk.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)  # (B, N, P+S, D)
+        value = torch.cat([pv.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None  # (B, S, N, D)
 
 
 def register_attention() -> None:
-    """Register both attention functions (idempotent). Mask functions are registered too, as transformers asks."""
-    AttentionInterface.register(ATTN_SDPA, prefix_attention(use_sdpa=True))
-    AttentionInterface.register(ATTN_MATH, prefix_attention(use_sdpa=False))
+    """Register the attention function (idempotent), and a mask function under the same name as transformers asks
+    (our 4-D mask passes through it untouched)."""
+    AttentionInterface.register(ATTN_SDPA, prefix_attention)
     AttentionMaskInterface.register(ATTN_SDPA, sdpa_mask)
-    AttentionMaskInterface.register(ATTN_MATH, sdpa_mask)
 
 
 class PrefixModel(nn.Module):
