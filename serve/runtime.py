@@ -22,6 +22,8 @@ def pick_providers(requested: str = "auto") -> list[str]:
     if requested == "cuda" and "CUDAExecutionProvider" not in available:
         raise ServeError(f"CUDA was asked for but this onnxruntime has only {available} (install onnxruntime-gpu)")
     if "CUDAExecutionProvider" in available:
+        if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu: load CUDA/cuDNN from the nvidia-* wheels if present
+            ort.preload_dlls()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
