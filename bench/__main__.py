@@ -93,7 +93,9 @@ def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft
     from export.eager import load_adapter_model
 
     export_dir = run_dir / "export"
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    from serve.runtime import pick_providers
+
+    providers = pick_providers("cuda" if cuda else "cpu")  # as served: TF32 off, see serve/runtime.py
 
     def ours():
         return torch_runner(load_adapter_model(run_dir / "adapter", manifest["base_model"]).to(device).eval(), device)
@@ -111,8 +113,9 @@ def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             sess = ort.InferenceSession(str(export_dir / name), opts, providers=providers)
-            if sess.get_providers()[0] != providers[0]:  # onnxruntime falls back to CPU with only a warning
-                raise EdgetuneError(f"onnxruntime could not start {providers[0]} (got {sess.get_providers()})")
+            want = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
+            if sess.get_providers()[0] != want:  # onnxruntime falls back to CPU with only a warning
+                raise EdgetuneError(f"onnxruntime could not start {want} (got {sess.get_providers()})")
             return onnx_runner(sess)
 
         return make

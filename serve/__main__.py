@@ -20,10 +20,15 @@ def main(argv: list[str] | None = None) -> int:
         default="fp32",
         help="fp32: the parity-gated graph; int8: the CPU graph that passed the dev-accuracy gate (about 2x faster on CPU)",
     )
+    ap.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA: let fp32 MatMuls use TF32 (faster at large batches, ~1e-2 off the gated logits)",
+    )
     ap.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens (default: as trained)")
     args = ap.parse_args(argv)
     try:
-        classifier = Classifier(args.export, args.provider, args.max_length, args.precision)
+        classifier = Classifier(args.export, args.provider, args.max_length, args.precision, args.tf32)
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,8 +14,13 @@ class ServeError(Exception):
     """A problem with the export folder or a request; the message says what is wrong."""
 
 
-def pick_providers(requested: str = "auto") -> list[str]:
-    """CUDA when onnxruntime-gpu is installed (or asked for), else CPU."""
+def pick_providers(requested: str = "auto", tf32: bool = False) -> list:
+    """CUDA when onnxruntime-gpu is installed (or asked for), else CPU.
+
+    onnxruntime's CUDA provider computes fp32 MatMuls in TF32 unless told otherwise: measured on an H100, that moved
+    the default run's logits by 8.9e-3 (same argmax on 82 dev sentences) against 1.3e-5 without it, for 1.0-1.7x speed.
+    So TF32 is off unless asked for.
+    """
     available = ort.get_available_providers()
     if requested == "cpu":
         return ["CPUExecutionProvider"]
@@ -24,7 +29,7 @@ def pick_providers(requested: str = "auto") -> list[str]:
     if "CUDAExecutionProvider" in available:
         if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu: load CUDA/cuDNN from the nvidia-* wheels if present
             ort.preload_dlls()
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"use_tf32": int(tf32)}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -37,7 +42,12 @@ class Classifier:
     """The exported model, its tokenizer and labels. ``classify(texts)`` -> one dict per text."""
 
     def __init__(
-        self, export_dir: str | Path, providers: str = "auto", max_length: int | None = None, precision: str = "fp32"
+        self,
+        export_dir: str | Path,
+        providers: str = "auto",
+        max_length: int | None = None,
+        precision: str = "fp32",
+        tf32: bool = False,
     ) -> None:
         d = Path(export_dir)
         if precision not in ("fp32", "int8"):
@@ -58,7 +68,7 @@ class Classifier:
         self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(d / model), opts, providers=pick_providers(providers))
+        self.session = ort.InferenceSession(str(d / model), opts, providers=pick_providers(providers, tf32))
 
     @property
     def provider(self) -> str:
