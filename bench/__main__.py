@@ -27,7 +27,7 @@ BATCHES = (1, 8, 32)
 
 def timed(fn, budget_s: float, min_iters: int = 10, max_iters: int = 300) -> list[float]:
     """Call ``fn`` (after 3 warm-up calls) until the budget is spent; returns milliseconds per call."""
-    time.sleep(0.2)  # let thread pools of the previous runner go idle
+    time.sleep(0.1)  # let the previous runner's thread pool stop spinning before this one starts
     for _ in range(3):
         fn()
     times = []
@@ -129,11 +129,9 @@ def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft
     return out
 
 
-def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES, with_peft: bool = True) -> dict:
-    """Time every implementation on the same inputs. One implementation at a time holds the cores (models and
-    sessions are built and dropped in turn, so no idle thread pool competes with the one being timed)."""
-    import gc
-
+def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES, with_peft: bool = True, rounds: int = 3) -> dict:
+    """Time every implementation on the same inputs, in ``rounds`` interleaved rounds of ``budget_s / rounds`` per
+    cell and implementation. ``timed`` pauses before each block so the previous runner's threads go idle first."""
     import onnxruntime as ort
     import torch
     from transformers import AutoTokenizer
@@ -151,14 +149,13 @@ def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES, with_peft: 
     tok = AutoTokenizer.from_pretrained(export_dir)
     texts = parity_texts(run_dir, n=256)
     cells = [(kind, b, *make_inputs(tok, texts, b, kind, manifest["max_length"])) for kind in ("seq128", "dev") for b in batches]
-    times: dict[str, list[list[float]]] = {}
-    impls = implementations(run_dir, manifest, device, cuda, with_peft)
-    for name, factory in impls:
-        bind = factory()
-        times[name] = [timed(bind(ids, mask), budget_s) for _, _, ids, mask in cells]
-        print(f"  timed {name}", file=sys.stderr, flush=True)
-        del bind
-        gc.collect()
+    bound = {name: factory() for name, factory in implementations(run_dir, manifest, device, cuda, with_peft)}
+    runners = {name: [bind(ids, mask) for _, _, ids, mask in cells] for name, bind in bound.items()}
+    times: dict[str, list[list[float]]] = {name: [[] for _ in cells] for name in runners}
+    for _ in range(rounds):  # interleaved, so that a slow spell of a shared machine hits every implementation alike
+        for i in range(len(cells)):
+            for name, fns in runners.items():
+                times[name][i] += timed(fns[i], budget_s / rounds, min_iters=max(3, 10 // rounds))
     rows = []
     for i, (kind, b, ids, _) in enumerate(cells):
         row = {"inputs": kind, "batch": b, "seq_len": int(ids.shape[1])}

@@ -18,10 +18,12 @@ from train.errors import ParityError
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    """Weights of every MatMul with a constant weight to int8 (per output channel), activations quantised at run time.
+    """Weights of every MatMul with a constant weight, and of onnxruntime's fused Attention (QAttention), to int8
+    per output channel; activations are quantised at run time.
 
     Per-channel MatMul-only was the best of the variants measured on the default run (dev accuracy 92.7% vs 93.3% fp32;
-    per-tensor 92.5%; quantising the embedding Gather as well 93.0% but 25% slower).
+    per-tensor 92.5%; quantising the embedding Gather as well 93.0% but 25% slower). Quantising the fused Attention of
+    a merged LoRA graph as well kept its dev accuracy (92.4%) and cut 1 x 128 latency from ~10.9 to ~8.7 ms.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -31,7 +33,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
         str(dst),
         weight_type=QuantType.QInt8,
         per_channel=True,
-        op_types_to_quantize=["MatMul"],
+        op_types_to_quantize=["MatMul", "Attention"],
         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
 
