@@ -14,6 +14,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from train.errors import EdgetuneError  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -39,6 +41,73 @@ def parity_texts(run_dir: Path, n: int = 64) -> list[str]:
     return texts[:n]
 
 
+def reference_models(adapter_dir: Path, adapter, base_path: Path):
+    """The eager adapter model as trained (SDPA attention, adapter unmerged), and the bare base with the same head."""
+    from export.eager import attach_adapter, load_adapter_model
+    from train.model import load_base
+    from train.prefix import PrefixModel
+
+    eager = load_adapter_model(adapter_dir, str(base_path))
+    if adapter.method == "lora":
+        bare = attach_adapter(load_base(base_path, adapter.label_names), _zero_lora(adapter), eager.num_heads)
+    else:
+        bare = PrefixModel(eager.base, None, eager.num_heads).eval()
+    return eager, bare
+
+
+def graph_module(adapter_dir: Path, adapter, base_path: Path, config) -> tuple[torch.nn.Module, dict[str, int]]:
+    """The module to trace and the fused ops its optimised graph must contain.
+
+    LoRA: merged into the base weights, plain BERT with transformers' eager attention (what onnxruntime fuses into
+    Attention). Prefix: frozen per-layer prefix, exported as one MultiHeadAttention per layer.
+    """
+    from export.attention import ATTN_MHA, register_mha
+    from export.eager import load_adapter_model
+    from export.fold import merge_lora
+    from export.graph import LogitsOnly
+    from train.adapter_io import head_state
+    from train.model import load_base
+
+    layers = config.num_hidden_layers
+    if adapter.method == "lora":
+        plain = load_base(base_path, adapter.label_names, attn="eager")
+        state = merge_lora(plain.state_dict(), adapter.tensors, int(adapter.config["r"]), float(adapter.config["lora_alpha"]))
+        state.update({f"classifier.{k}": v for k, v in head_state(adapter.tensors).items()})
+        plain.load_state_dict(state)
+        return LogitsOnly(plain).eval(), {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1}
+    register_mha()
+    module = load_adapter_model(adapter_dir, str(base_path), attn=ATTN_MHA)
+    return module, {"MultiHeadAttention": layers, "SkipLayerNormalization": 2 * layers - 1, "BiasGelu": layers}
+
+
+def int8_graph(tmp: Path, session, tok, run_dir: Path, label_names: list[str], max_length: int, max_drop: float):
+    """Write tmp/model.int8.onnx and return its accuracy gate (raises ParityError when it loses too much)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.quantize import check_int8, quantize_int8
+
+    quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
+    dev = dev_split(run_dir)
+    index = {name: i for i, name in enumerate(label_names)}
+    labels = np.asarray([index.get(label, -1) for label in dev.labels])
+    int8_session = ort.InferenceSession(str(tmp / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    return check_int8(session, int8_session, tok, list(dev.texts), labels, max_length, max_drop)
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Move a completed folder into place, replacing an older one only once the new one is complete."""
+    tmp.chmod(0o755)  # mkdtemp makes it private; the export folder is for deploying
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
 def export_run(
     run_dir: Path, base_model: str = "", tolerance: float = 1e-4, int8: bool = True, int8_max_drop: float = 0.01
 ) -> dict:
@@ -47,50 +116,25 @@ def export_run(
     Returns the manifest. Raises EdgetuneError subclasses; on any failure no export folder is left behind.
     """
     import onnxruntime as ort
-    import torch
     import transformers
     from transformers import AutoTokenizer
 
-    from export.attention import ATTN_MHA, register_mha
-    from export.eager import attach_adapter, load_adapter_model
-    from export.fold import merge_lora
-    from export.graph import OPSET, LogitsOnly, optimize, trace_to_onnx
+    from export.graph import OPSET, optimize, trace_to_onnx
     from export.parity import check_parity
-    from train.adapter_io import head_state, load_adapter
+    from train.adapter_io import load_adapter
     from train.config import load_config
-    from train.model import base_model_path, load_base
-    from train.prefix import PrefixModel
+    from train.model import base_model_path
 
     t0 = time.perf_counter()
     adapter_dir = run_dir / "adapter"
     adapter = load_adapter(adapter_dir)
-    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    if not (run_dir / "config.yaml").is_file():
+        raise EdgetuneError(f"{run_dir / 'config.yaml'} is missing: the parity gate needs the run's dev data")
+    max_length = load_config(run_dir / "config.yaml").max_length
     base_path = base_model_path(base_model or adapter.config.get("base_model_name_or_path") or "")
-    max_length = cfg.max_length if cfg else 128
-
-    # The reference: the eager adapter model as trained (SDPA attention, adapter unmerged).
-    eager = load_adapter_model(adapter_dir, str(base_path))
-    bare = PrefixModel(eager.base, None, eager.num_heads).eval() if adapter.method == "p_tuning_v2" else None
-    if adapter.method == "lora":
-        bare = attach_adapter(load_base(base_path, adapter.label_names), _zero_lora(adapter), eager.num_heads)
+    eager, bare = reference_models(adapter_dir, adapter, base_path)
     c = eager.base.config
-
-    # The graph to ship.
-    if adapter.method == "lora":
-        plain = load_base(base_path, adapter.label_names, attn="eager")
-        state = merge_lora(plain.state_dict(), adapter.tensors, int(adapter.config["r"]), float(adapter.config["lora_alpha"]))
-        state.update({f"classifier.{k}": v for k, v in head_state(adapter.tensors).items()})
-        plain.load_state_dict(state)
-        module = LogitsOnly(plain).eval()
-        expected = {"Attention": c.num_hidden_layers, "SkipLayerNormalization": 2 * c.num_hidden_layers - 1}
-    else:
-        register_mha()
-        module = load_adapter_model(adapter_dir, str(base_path), attn=ATTN_MHA)  # one MultiHeadAttention node per layer
-        expected = {
-            "MultiHeadAttention": c.num_hidden_layers,
-            "SkipLayerNormalization": 2 * c.num_hidden_layers - 1,
-            "BiasGelu": c.num_hidden_layers,
-        }
+    module, expected = graph_module(adapter_dir, adapter, base_path, c)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=run_dir))
@@ -100,20 +144,8 @@ def export_run(
         (tmp / "raw.onnx").unlink()
         session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
         tok = AutoTokenizer.from_pretrained(base_path)
-        texts = parity_texts(run_dir)
-        parity = check_parity(session, eager, bare, tok, texts, max_length, tolerance)
-        int8_gate = None
-        if int8:
-            import numpy as np
-
-            from export.quantize import check_int8, quantize_int8
-
-            quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
-            dev = dev_split(run_dir)
-            index = {name: i for i, name in enumerate(adapter.label_names)}
-            labels = np.asarray([index.get(label, -1) for label in dev.labels])
-            int8_session = ort.InferenceSession(str(tmp / "model.int8.onnx"), providers=["CPUExecutionProvider"])
-            int8_gate = check_int8(session, int8_session, tok, list(dev.texts), labels, max_length, int8_max_drop)
+        parity = check_parity(session, eager, bare, tok, parity_texts(run_dir), max_length, tolerance)
+        gate = int8_graph(tmp, session, tok, run_dir, adapter.label_names, max_length, int8_max_drop) if int8 else None
         for name in TOKENIZER_FILES:
             if (base_path / name).is_file():
                 shutil.copy2(base_path / name, tmp / name)
@@ -141,20 +173,11 @@ def export_run(
             "transformers_version": transformers.__version__,
             "providers_tested": [parity.provider],
             "parity": parity.to_dict(),
-            "int8": int8_gate.to_dict() if int8_gate else None,
+            "int8": gate.to_dict() if gate else None,
             "export_seconds": round(time.perf_counter() - t0, 1),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        target = run_dir / "export"
-        tmp.chmod(0o755)  # mkdtemp makes it private; the export folder is for deploying
-        if target.exists():
-            old = run_dir / ".export.old"
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        replace_folder(tmp, run_dir / "export")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
@@ -163,8 +186,6 @@ def export_run(
 def _zero_lora(adapter):
     """The same adapter with every LoRA B set to zero: the bare base model with the trained head."""
     from dataclasses import replace
-
-    import torch
 
     tensors = {k: (torch.zeros_like(v) if k.endswith("lora_B.weight") else v) for k, v in adapter.tensors.items()}
     return replace(adapter, tensors=tensors)

@@ -65,7 +65,13 @@ class Classifier:
             raise ServeError(f"max_length {self.max_length} exceeds the model's {self.manifest['max_positions']} positions")
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0)
+        config_path = d / "tokenizer_config.json"
+        pad = json.loads(config_path.read_text()).get("pad_token") if config_path.is_file() else None
+        pad = (pad.get("content") if isinstance(pad, dict) else pad) or "[PAD]"
+        pad_id = self.tokenizer.token_to_id(pad)
+        if pad_id is None:
+            raise ServeError(f"the tokenizer has no padding token {pad!r}")
+        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(d / model), opts, providers=pick_providers(providers, tf32))

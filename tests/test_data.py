@@ -54,6 +54,9 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{oops\n')
     with pytest.raises(DataError, match="line 2 is not valid JSON"):
         load_dataset(RunConfig(data=str(tmp_path / "bad.jsonl")))
+    (tmp_path / "list.jsonl").write_text('{"text": "a", "label": "x"}\n["a", "x"]\n')
+    with pytest.raises(DataError, match="line 2 is not a JSON object"):
+        load_dataset(RunConfig(data=str(tmp_path / "list.jsonl")))
     with pytest.raises(DataError, match="neither a builtin dataset"):
         load_dataset(RunConfig(data=str(tmp_path / "nope.csv")))
 

@@ -89,11 +89,7 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     ap.add_argument("--run", default="runs/default", help="run folder to write (default: runs/default)")
-    ap.add_argument(
-        "--config",
-        default=None,
-        help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(Path.cwd()) if DEFAULT_CONFIG.is_relative_to(Path.cwd()) else DEFAULT_CONFIG})",
-    )
+    ap.add_argument("--config", default=None, help="YAML config (default: train/configs/default.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

@@ -59,10 +59,13 @@ def read_rows(path: Path, text_column: str, label_column: str) -> Split:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            row = json.loads(line)
                         except json.JSONDecodeError as e:
                             raise DataError(f"data file {path} line {n} is not valid JSON: {e.msg}") from None
-                columns = set().union(*(r.keys() for r in rows if isinstance(r, dict))) if rows else set()
+                        if not isinstance(row, dict):
+                            raise DataError(f"data file {path} line {n} is not a JSON object")
+                        rows.append(row)
+                columns = set().union(*(r.keys() for r in rows)) if rows else set()
             else:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 rows = list(reader)
