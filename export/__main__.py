@@ -59,9 +59,9 @@ def graph_module(adapter_dir: Path, adapter, base_path: Path, config) -> tuple[t
     """The module to trace and the fused ops its optimised graph must contain.
 
     LoRA: merged into the base weights, plain BERT with transformers' eager attention (what onnxruntime fuses into
-    Attention). Prefix: frozen per-layer prefix, exported as one MultiHeadAttention per layer.
+    Attention). Prefix: frozen per-layer prefix, exported as one Attention per layer with the prefix as its past.
     """
-    from export.attention import ATTN_MHA, register_mha
+    from export.attention import fuse_prefix_attention
     from export.eager import load_adapter_model
     from export.fold import merge_lora
     from export.graph import LogitsOnly
@@ -75,9 +75,8 @@ def graph_module(adapter_dir: Path, adapter, base_path: Path, config) -> tuple[t
         state.update({f"classifier.{k}": v for k, v in head_state(adapter.tensors).items()})
         plain.load_state_dict(state)
         return LogitsOnly(plain).eval(), {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1}
-    register_mha()
-    module = load_adapter_model(adapter_dir, str(base_path), attn=ATTN_MHA)
-    return module, {"MultiHeadAttention": layers, "SkipLayerNormalization": 2 * layers - 1, "BiasGelu": layers}
+    module = fuse_prefix_attention(load_adapter_model(adapter_dir, str(base_path)))
+    return module, {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1, "BiasGelu": layers}
 
 
 def int8_graph(tmp: Path, session, tok, run_dir: Path, label_names: list[str], max_length: int, max_drop: float):
