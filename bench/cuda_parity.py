@@ -24,15 +24,15 @@ def main(run: Path) -> None:
     eager = load_adapter_model(run / "adapter").cuda().eval()
     bare = load_adapter_model(run / "adapter").cuda().eval()
     bare.prefix = None
-    sess = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CUDAExecutionProvider"])
-    assert sess.get_providers()[0] == "CUDAExecutionProvider", sess.get_providers()
     tok = AutoTokenizer.from_pretrained(export_dir)
-    with torch.inference_mode():
-        p = check_parity(sess, eager, bare, tok, parity_texts(run), 64, tolerance=1e-3)
-    print(
-        f"CUDA EP fp32 vs eager CUDA fp32: max |diff| {p.max_abs_diff:.2e}, argmax agree {p.argmax_agree:.0%}, "
-        f"n={p.n_samples}, batches {p.batch_sizes}, adapter effect {p.adapter_effect:.2f}"
-    )
+    for tf32, tolerance in ((False, 1e-4), (True, 5e-2)):  # the gate as served, then TF32 for the record
+        providers = [("CUDAExecutionProvider", {"use_tf32": int(tf32)})]
+        sess = ort.InferenceSession(str(export_dir / "model.onnx"), providers=providers)
+        assert sess.get_providers()[0] == "CUDAExecutionProvider", sess.get_providers()
+        with torch.inference_mode():
+            p = check_parity(sess, eager, bare, tok, parity_texts(run), 64, tolerance=tolerance)
+        print(f"CUDA EP fp32 (tf32={tf32}) vs eager CUDA fp32: max |diff| {p.max_abs_diff:.2e}, argmax agree "
+              f"{p.argmax_agree:.0%}, n={p.n_samples}, batches {p.batch_sizes}, adapter effect {p.adapter_effect:.2f}")
     c = Classifier(export_dir, providers="cuda")
     print("serve runtime on", c.provider, c.classify(["I lost my card", "how do I top up?"])[0]["label"])
 
