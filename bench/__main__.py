@@ -121,7 +121,7 @@ def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft
         return make
 
     out = [("eager", ours)]
-    if with_peft:
+    if with_peft and manifest["method"] in ("lora", "p_tuning_v2"):  # PEFT has no full / head-only form
         out.append(("peft", peft))
     out.append(("onnx", session("model.onnx")))
     if not cuda and (export_dir / "model.int8.onnx").is_file():  # int8 is the CPU graph

@@ -31,8 +31,10 @@ def main(run: Path) -> None:
         assert sess.get_providers()[0] == "CUDAExecutionProvider", sess.get_providers()
         with torch.inference_mode():
             p = check_parity(sess, eager, bare, tok, parity_texts(run), 64, tolerance=tolerance)
-        print(f"CUDA EP fp32 (tf32={tf32}) vs eager CUDA fp32: max |diff| {p.max_abs_diff:.2e}, argmax agree "
-              f"{p.argmax_agree:.0%}, n={p.n_samples}, batches {p.batch_sizes}, adapter effect {p.adapter_effect:.2f}")
+        print(
+            f"CUDA EP fp32 (tf32={tf32}) vs eager CUDA fp32: max |diff| {p.max_abs_diff:.2e}, argmax agree "
+            f"{p.argmax_agree:.0%}, n={p.n_samples}, batches {p.batch_sizes}, adapter effect {p.adapter_effect:.2f}"
+        )
     c = Classifier(export_dir, providers="cuda")
     print("serve runtime on", c.provider, c.classify(["I lost my card", "how do I top up?"])[0]["label"])
 

@@ -44,11 +44,16 @@ def parity_texts(run_dir: Path, n: int = 64) -> list[str]:
 def reference_models(adapter_dir: Path, adapter, base_path: Path):
     """The eager adapter model as trained (SDPA attention, adapter unmerged), and the bare base with the same head."""
     from export.eager import attach_adapter, load_adapter_model
+    from train.adapter_io import CHECKPOINT_METHODS
     from train.model import load_base
     from train.prefix import PrefixModel
 
     eager = load_adapter_model(adapter_dir, str(base_path))
-    if adapter.method == "lora":
+    if adapter.method in CHECKPOINT_METHODS:  # the pretrained encoder under the fine-tuned classifier
+        base = load_base(base_path, adapter.label_names)
+        base.classifier.load_state_dict(eager.base.classifier.state_dict())
+        bare = PrefixModel(base, None, eager.num_heads).eval()
+    elif adapter.method == "lora":
         bare = attach_adapter(load_base(base_path, adapter.label_names), _zero_lora(adapter), eager.num_heads)
     else:
         bare = PrefixModel(eager.base, None, eager.num_heads).eval()
@@ -58,23 +63,26 @@ def reference_models(adapter_dir: Path, adapter, base_path: Path):
 def graph_module(adapter_dir: Path, adapter, base_path: Path, config) -> tuple[torch.nn.Module, dict[str, int]]:
     """The module to trace and the fused ops its optimised graph must contain.
 
-    LoRA: merged into the base weights, plain BERT with transformers' eager attention (what onnxruntime fuses into
-    Attention). Prefix: frozen per-layer prefix, exported as one Attention per layer with the prefix as its past.
+    Full / head-only: the fine-tuned model folder itself. LoRA: merged into the base weights. Both as plain BERT with
+    transformers' eager attention (what onnxruntime fuses into Attention). Prefix: frozen per-layer prefix, exported as one Attention per layer with the prefix as its past.
     """
     from export.attention import fuse_prefix_attention
     from export.eager import load_adapter_model
     from export.fold import merge_lora
     from export.graph import LogitsOnly
-    from train.adapter_io import head_state
+    from train.adapter_io import CHECKPOINT_METHODS, head_state
     from train.model import load_base
 
     layers = config.num_hidden_layers
+    plain_graph = {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1}
+    if adapter.method in CHECKPOINT_METHODS:
+        return LogitsOnly(load_base(adapter_dir, adapter.label_names, attn="eager")).eval(), plain_graph
     if adapter.method == "lora":
         plain = load_base(base_path, adapter.label_names, attn="eager")
         state = merge_lora(plain.state_dict(), adapter.tensors, int(adapter.config["r"]), float(adapter.config["lora_alpha"]))
         state.update({f"classifier.{k}": v for k, v in head_state(adapter.tensors).items()})
         plain.load_state_dict(state)
-        return LogitsOnly(plain).eval(), {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1}
+        return LogitsOnly(plain).eval(), plain_graph
     module = fuse_prefix_attention(load_adapter_model(adapter_dir, str(base_path)))
     return module, {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1, "BiasGelu": layers}
 
@@ -143,7 +151,10 @@ def export_run(
         (tmp / "raw.onnx").unlink()
         session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
         tok = AutoTokenizer.from_pretrained(base_path)
-        parity = check_parity(session, eager, bare, tok, parity_texts(run_dir), max_length, tolerance)
+        # head-only training leaves the encoder as it was: nothing beyond the classifier for the effect check to see
+        parity = check_parity(
+            session, eager, bare, tok, parity_texts(run_dir), max_length, tolerance, require_effect=adapter.method != "head"
+        )
         gate = int8_graph(tmp, session, tok, run_dir, adapter.label_names, max_length, int8_max_drop) if int8 else None
         for name in TOKENIZER_FILES:
             if (base_path / name).is_file():

@@ -32,6 +32,9 @@ def test_config_is_frozen():
         (["method=adapters"], "method='adapters' is not one of"),
         (["epochs"], "not of the form key=value"),
         (["prefix_projection=maybe"], "prefix_projection='maybe'"),
+        (["freeze_layers=2"], "apply to method=full only"),
+        (["optimizer=lamb"], "optimizer='lamb' is not one of"),
+        (["label_smoothing=1.5"], "label_smoothing=1.5 must be in"),
     ],
 )
 def test_bad_config_is_named(overrides, message):

@@ -121,3 +121,32 @@ def test_corrupt_adapter_is_refused(runs, tmp_path):
     with pytest.raises(AdapterError, match="has no adapter_model.safetensors"):
         export_run(run)
     assert not (run / "export").exists()
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [("full", []), ("full", ["freeze_embeddings=true", "freeze_layers=1"]), ("head", [])],
+    ids=["full", "partial", "head"],
+)
+def test_full_partial_and_head_fine_tuning_export(tmp_path, tiny_bert, method, extra):
+    from tests.conftest import train_small
+    from train.adapter_io import load_adapter
+
+    run = train_small(tmp_path / "run", method, str(tiny_bert), ["lr=1e-3", *extra])
+    metrics = json.loads((run / "metrics.json").read_text())
+    head = 32 * metrics_labels(run) + metrics_labels(run)
+    if method == "head":
+        assert metrics["trainable_params"] == head
+    elif extra:  # embeddings and layer 0 frozen: fewer than all
+        assert head < metrics["trainable_params"] < metrics["total_params"]
+    else:
+        assert metrics["trainable_params"] == metrics["total_params"]
+    assert load_adapter(run / "adapter").method == method
+    m = export_run(run, int8=False)
+    assert m["method"] == method and m["parity"]["max_abs_diff"] <= 1e-4 and m["parity"]["argmax_agree"] == 1.0
+    if method != "head":  # the fine-tuned encoder changes the logits under the same classifier
+        assert m["parity"]["adapter_effect"] > 1e-3
+
+
+def metrics_labels(run) -> int:
+    return len(json.loads((run / "adapter" / "labels.json").read_text()))

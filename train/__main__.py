@@ -25,7 +25,7 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from train.adapter_io import adapter_tensors, peft_config, save_adapter
+    from train.adapter_io import CHECKPOINT_METHODS, adapter_tensors, peft_config, save_adapter, save_checkpoint
     from train.config import load_config, save_config
     from train.data import encode, load_dataset
     from train.loop import evaluate, pick_device, train
@@ -70,9 +70,11 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
     try:
-        save_adapter(
-            tmp / "adapter", peft_config(cfg, model, str(base_path)), adapter_tensors(model, cfg.method), data.label_names
-        )
+        if cfg.method in CHECKPOINT_METHODS:  # no PEFT format for these: a full model folder
+            save_checkpoint(tmp / "adapter", model, cfg.method, str(base_path), data.label_names)
+        else:
+            tensors = adapter_tensors(model, cfg.method)
+            save_adapter(tmp / "adapter", peft_config(cfg, model, str(base_path)), tensors, data.label_names)
         save_config(cfg, tmp / "config.yaml")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         run_dir.mkdir(exist_ok=True)

@@ -4,6 +4,10 @@ Tensor names are PEFT's, so an adapter written here loads with ``peft.PeftModel.
   LoRA:   base_model.model.<module path>.lora_A.weight / .lora_B.weight, base_model.model.classifier.{weight,bias}
   prefix: prompt_embeddings (P, 2*L*H), base_model.classifier.{weight,bias}
 ``labels.json`` beside them holds the class names (PEFT ignores it).
+
+Full and head-only fine-tuning have no PEFT form: their "adapter" folder is a complete Hugging Face model folder
+(config.json + model.safetensors, loadable by ``AutoModelForSequenceClassification``) plus labels.json and
+``edgetune.json`` naming the method and the base model it started from.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from train.config import RunConfig
 from train.errors import AdapterError
 
 CONFIG, WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
+CHECKPOINT, CHECKPOINT_META = "model.safetensors", "edgetune.json"
+CHECKPOINT_METHODS = ("full", "head")
 PEFT_VERSION = "0.21.2"
 
 
@@ -97,6 +103,31 @@ def save_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], l
     (folder / LABELS).write_text(json.dumps(label_names, indent=1))
 
 
+def save_checkpoint(folder: Path, model, method: str, base_path: str, label_names: list[str]) -> None:
+    """Write a full/head-only fine-tuned model as a Hugging Face model folder (see the module docstring)."""
+    model.base.save_pretrained(folder)
+    (folder / LABELS).write_text(json.dumps(label_names, indent=1))
+    (folder / CHECKPOINT_META).write_text(json.dumps({"method": method, "base_model_name_or_path": base_path}, indent=2))
+
+
+def _load_checkpoint(folder: Path) -> Adapter:
+    meta = json.loads((folder / CHECKPOINT_META).read_text())
+    if meta.get("method") not in CHECKPOINT_METHODS:
+        raise AdapterError(f"{folder / CHECKPOINT_META} names method {meta.get('method')!r}, not one of {CHECKPOINT_METHODS}")
+    for name in ("config.json", CHECKPOINT, LABELS):
+        if not (folder / name).is_file():
+            raise AdapterError(f"checkpoint folder {folder} has no {name}")
+    try:
+        with safe_open(str(folder / CHECKPOINT), "pt") as f:
+            for key in f.keys():
+                if not torch.isfinite(f.get_tensor(key)).all():
+                    raise AdapterError(f"checkpoint tensor {key} holds NaN or inf")
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{folder / CHECKPOINT} is corrupt or not a safetensors file ({e})") from None
+    label_names = json.loads((folder / LABELS).read_text())
+    return Adapter(meta["method"], meta, {}, label_names, file_sha256(folder / CHECKPOINT))
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -114,6 +145,8 @@ def load_adapter(folder: Path) -> Adapter:
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist (run `make train` first)")
+    if (folder / CHECKPOINT_META).is_file():
+        return _load_checkpoint(folder)
     for name in (CONFIG, WEIGHTS):
         if not (folder / name).is_file():
             raise AdapterError(f"adapter folder {folder} has no {name}")

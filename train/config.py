@@ -11,7 +11,8 @@ import yaml
 
 from train.errors import ConfigError
 
-METHODS = ("p_tuning_v2", "lora")
+METHODS = ("p_tuning_v2", "lora", "full", "head")
+OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class RunConfig:
     max_train_samples: int = 0  # 0 = all; for smoke runs
     max_eval_samples: int = 0  # 0 = all; for smoke runs
     # method
-    method: str = "p_tuning_v2"  # p_tuning_v2 | lora
+    method: str = "p_tuning_v2"  # p_tuning_v2 | lora | full (all weights, optionally partly frozen) | head (classifier only)
     num_virtual_tokens: int = 16  # prefix length P (p_tuning_v2)
     prefix_projection: bool = False  # reparameterise the prefix through an MLP while training
     encoder_hidden_size: int = 0  # hidden size of that MLP; 0 = model hidden size
@@ -40,12 +41,18 @@ class RunConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     lora_target_modules: tuple[str, ...] = ("query", "value")
+    freeze_embeddings: bool = False  # method=full: keep the embedding layer frozen
+    freeze_layers: int = 0  # method=full: keep the bottom N encoder layers frozen
     # optimisation
     epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-2  # adapter learning rate
     head_lr: float = 0.0  # classifier learning rate; 0 = same as lr
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | adam | sgd (with momentum)
+    momentum: float = 0.9  # sgd only
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    class_weights: str = "none"  # none | balanced (weight each class by n / (classes * count))
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     max_steps: int = 0  # stop after this many optimiser steps; 0 = run all epochs
@@ -56,6 +63,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.class_weights not in ("none", "balanced"):
+            raise ConfigError(f"class_weights={self.class_weights!r} must be none or balanced")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if (self.freeze_embeddings or self.freeze_layers) and self.method != "full":
+            raise ConfigError("freeze_embeddings / freeze_layers apply to method=full only (other methods freeze the whole base)")
+        if self.freeze_layers < 0:
+            raise ConfigError(f"freeze_layers={self.freeze_layers} must be 0 or more")
         if self.bf16 not in ("auto", "true", "false"):
             raise ConfigError(f"bf16={self.bf16!r} must be auto, true or false")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -69,6 +69,21 @@ def evaluate(model, data: Encoded, pad_id: int, device, num_labels: int) -> dict
     return classification_metrics(np.asarray(data.labels), pred, num_labels)
 
 
+def make_optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def balanced_class_weights(labels: list[int], num_labels: int) -> torch.Tensor:
+    """n / (classes * count_c) for each class c; classes absent from train get weight 0."""
+    counts = torch.bincount(torch.tensor(labels), minlength=num_labels).float()
+    weights = len(labels) / (num_labels * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
+
+
 @dataclass
 class TrainResult:
     best_epoch: int
@@ -97,7 +112,8 @@ def train(
     bf16 = use_bf16(cfg, device)
     head, adapter = head_parameters(model), adapter_parameters(model)
     groups = [{"params": adapter, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, [g for g in groups if g["params"]])
+    class_weight = balanced_class_weights(train_data.labels, num_labels).to(device) if cfg.class_weights == "balanced" else None
     lengths = [len(r) for r in train_data.input_ids]
     steps_per_epoch = math.ceil(len(lengths) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
@@ -124,7 +140,7 @@ def train(
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
             with autocast:
                 logits = model(ids.to(device), mask.to(device))
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(logits.float(), labels, weight=class_weight, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)

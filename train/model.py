@@ -52,7 +52,12 @@ def load_base(path: Path, label_names: list[str], attn: str = ATTN_SDPA) -> nn.M
 
 
 def build_model(cfg: RunConfig, label_names: list[str], seed: int) -> PrefixModel:
-    """The model to train: frozen base, trainable adapter (prefix or LoRA) and trainable classifier."""
+    """The model to train: a trainable classifier plus, by method, a prefix or LoRA on a frozen base (p_tuning_v2,
+    lora), the whole base less any frozen embeddings / bottom layers (full), or nothing more (head).
+
+    Raises:
+        ConfigError: a choice that does not fit the model (prefix too long, LoRA target or frozen layers missing).
+    """
     torch.manual_seed(seed)
     base = load_base(base_model_path(cfg.base_model), label_names)
     for p in base.parameters():
@@ -73,8 +78,19 @@ def build_model(cfg: RunConfig, label_names: list[str], seed: int) -> PrefixMode
             c.hidden_size,
             hidden if cfg.prefix_projection else 0,
         )
-    else:
+    elif cfg.method == "lora":
         inject_lora(base, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    elif cfg.method == "full":
+        encoder = base.base_model
+        if cfg.freeze_layers > c.num_hidden_layers:
+            raise ConfigError(f"freeze_layers={cfg.freeze_layers} but the model has {c.num_hidden_layers} layers")
+        frozen = [encoder.embeddings] if cfg.freeze_embeddings else []
+        frozen += list(encoder.encoder.layer[: cfg.freeze_layers])
+        for p in base.parameters():
+            p.requires_grad_(True)
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
     for p in base.classifier.parameters():
         p.requires_grad_(True)
     return PrefixModel(base, prefix, c.num_attention_heads)
