@@ -69,7 +69,7 @@ def graph_module(adapter_dir: Path, adapter, base_path: Path, config) -> tuple[t
     from export.attention import fuse_prefix_attention
     from export.eager import load_adapter_model
     from export.fold import merge_lora
-    from export.graph import LogitsOnly
+    from export.graph import LogitsOnly, PromptLogits
     from train.adapter_io import CHECKPOINT_METHODS, head_state
     from train.model import load_base
 
@@ -77,6 +77,10 @@ def graph_module(adapter_dir: Path, adapter, base_path: Path, config) -> tuple[t
     plain_graph = {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1}
     if adapter.method in CHECKPOINT_METHODS:
         return LogitsOnly(load_base(adapter_dir, adapter.label_names, attn="eager")).eval(), plain_graph
+    if adapter.method in ("prompt_tuning", "p_tuning"):
+        plain = load_base(base_path, adapter.label_names, attn="eager")
+        plain.classifier.load_state_dict(head_state(adapter.tensors))
+        return PromptLogits(plain, adapter.tensors["prompt_embeddings"]).eval(), plain_graph
     if adapter.method == "lora":
         plain = load_base(base_path, adapter.label_names, attn="eager")
         state = merge_lora(plain.state_dict(), adapter.tensors, int(adapter.config["r"]), float(adapter.config["lora_alpha"]))
@@ -130,7 +134,7 @@ def export_run(
     from export.parity import check_parity
     from train.adapter_io import load_adapter
     from train.config import load_config
-    from train.model import base_model_path
+    from train.model import VIRTUAL_TOKEN_METHODS, base_model_path
 
     t0 = time.perf_counter()
     adapter_dir = run_dir / "adapter"
@@ -140,6 +144,7 @@ def export_run(
     max_length = load_config(run_dir / "config.yaml").max_length
     base_path = base_model_path(base_model or adapter.config.get("base_model_name_or_path") or "")
     eager, bare = reference_models(adapter_dir, adapter, base_path)
+    virtual = int(adapter.config.get("num_virtual_tokens", 0)) if adapter.method in VIRTUAL_TOKEN_METHODS else 0
     c = eager.base.config
     module, expected = graph_module(adapter_dir, adapter, base_path, c)
 
@@ -169,11 +174,11 @@ def export_run(
             "task": "sequence-classification",
             "base_model": str(base_path),
             "adapter_sha256": adapter.sha256,
-            "num_virtual_tokens": int(adapter.config.get("num_virtual_tokens", 0)) if adapter.method == "p_tuning_v2" else 0,
+            "num_virtual_tokens": virtual,
             "inputs": ["input_ids", "attention_mask"],
             "outputs": ["logits"],
             "max_length": max_length,
-            "max_positions": c.max_position_embeddings - (eager.prefix.kv()[0][0].shape[2] if eager.prefix else 0),
+            "max_positions": c.max_position_embeddings - virtual,
             "num_labels": len(adapter.label_names),
             "opset": OPSET,
             "exporter": "torch.onnx (TorchScript) + onnxruntime.transformers.optimizer",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from export.fold import freeze_prefix
@@ -12,13 +13,14 @@ from train.errors import AdapterError
 from train.lora import LoRALinear, inject_lora
 from train.model import base_model_path, load_base
 from train.prefix import ATTN_SDPA, FrozenPrefix, PrefixModel
+from train.prompt import FrozenPrompt
 
 
 def attach_adapter(base: nn.Module, adapter: Adapter, num_heads: int) -> PrefixModel:
     """Put a loaded adapter (see adapter_io.Adapter) onto a freshly loaded base model, for inference."""
     c = adapter.config
     missing = set()
-    prefix = None
+    prefix = prompt = None
     if adapter.method == "p_tuning_v2":
         table = adapter.tensors["prompt_embeddings"]
         want = 2 * base.config.num_hidden_layers * base.config.hidden_size
@@ -28,6 +30,16 @@ def attach_adapter(base: nn.Module, adapter: Adapter, num_heads: int) -> PrefixM
                 "was it trained on another base model?"
             )
         prefix = FrozenPrefix(freeze_prefix(table, base.config.num_hidden_layers, num_heads))
+    elif adapter.method in ("prompt_tuning", "p_tuning"):
+        table = adapter.tensors["prompt_embeddings"]
+        if table.dim() != 2 or table.shape[1] != base.config.hidden_size:
+            raise AdapterError(
+                f"adapter prompt of shape {tuple(table.shape)} does not fit this base model (hidden {base.config.hidden_size}): "
+                "was it trained on another base model?"
+            )
+        if not torch.isfinite(table).all():
+            raise AdapterError("prompt table holds NaN/inf: the adapter is corrupt")
+        prompt = FrozenPrompt(table)
     else:
         r, alpha = int(c["r"]), float(c["lora_alpha"])
         inject_lora(base, tuple(c["target_modules"]), r, alpha, 0.0)
@@ -50,7 +62,7 @@ def attach_adapter(base: nn.Module, adapter: Adapter, num_heads: int) -> PrefixM
         base.classifier.load_state_dict(head)
     except RuntimeError as e:
         raise AdapterError(f"adapter classifier does not fit the model: {str(e).splitlines()[-1].strip()}") from None
-    return PrefixModel(base, prefix, num_heads).eval()
+    return PrefixModel(base, prefix, num_heads, prompt).eval()
 
 
 def load_adapter_model(adapter_dir: Path, base_path: str = "", attn: str = ATTN_SDPA) -> PrefixModel:

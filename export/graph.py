@@ -26,6 +26,25 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+class PromptLogits(nn.Module):
+    """forward(input_ids, attention_mask) -> logits with a constant prompt (P, H) before the word embeddings.
+
+    The model keeps transformers' own attention and 2-D mask, so onnxruntime fuses its attention as for plain BERT.
+    """
+
+    def __init__(self, model: nn.Module, table: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("prompt", table.detach().float().clone())  # (P, H)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from train.prompt import prepend_prompt
+
+        embeds = prepend_prompt(self.prompt, self.model.base_model.embeddings.word_embeddings, input_ids)  # (B, P+S, H)
+        ones = torch.ones_like(attention_mask[:, :1]).expand(-1, self.prompt.shape[0])  # (B, P)
+        return self.model(inputs_embeds=embeds, attention_mask=torch.cat([ones, attention_mask], dim=1)).logits
+
+
 def trace_to_onnx(module: nn.Module, path: Path, example_len: int = 16) -> None:
     """TorchScript-export ``module`` (dynamic batch and sequence axes): the exporter whose graphs onnxruntime fuses."""
     module.eval()

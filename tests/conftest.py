@@ -44,7 +44,8 @@ SMALL = ["max_train_samples=256", "max_eval_samples=96", "epochs=1", "max_steps=
 def train_small(run_dir: Path, method: str, base: str = "", extra: list[str] | None = None) -> Path:
     from train.__main__ import DEFAULT_CONFIG, run
 
-    lr = {"p_tuning_v2": "lr=2e-2", "lora": "lr=1e-2", "full": "lr=1e-3", "head": "lr=1e-2"}[method]
+    lr = {"p_tuning_v2": "lr=2e-2", "lora": "lr=1e-2", "prompt_tuning": "lr=3e-2", "p_tuning": "lr=3e-3", "full": "lr=1e-3",
+          "head": "lr=1e-2"}[method]  # fmt: skip
     overrides = [f"method={method}", lr, "head_lr=1e-2", *SMALL, *(extra or [])]
     if base:
         overrides.append(f"base_model={base}")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PrefixTuningConfig, TaskType
+from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
 from export.eager import load_adapter_model
 from tests.helpers import minilm_path, padded_batch, peft_model, random_peft_adapter
@@ -34,8 +34,13 @@ def test_our_adapter_loads_in_peft_with_same_logits(runs, tiny_bert, model, meth
         PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=7),
         PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
         LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value", "dense"]),
+        PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=5),
+        PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, encoder_hidden_size=16),
+        PromptEncoderConfig(
+            task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, encoder_hidden_size=8, encoder_reparameterization_type="LSTM"
+        ),
     ],
-    ids=["prefix", "prefix-projection", "lora"],
+    ids=["prefix", "prefix-projection", "lora", "prompt-tuning", "p-tuning-mlp", "p-tuning-lstm"],
 )
 def test_peft_written_adapter_gives_peft_logits(tmp_path, tiny_bert, config):
     adapter = random_peft_adapter(tiny_bert, config, tmp_path / "peft_adapter")
@@ -44,7 +49,8 @@ def test_peft_written_adapter_gives_peft_logits(tmp_path, tiny_bert, config):
     ids, mask = padded_batch(tiny_bert)
     model = load_adapter_model(adapter, str(tiny_bert))
     model.prefix = None
-    if isinstance(config, PrefixTuningConfig):
+    model.prompt = None
+    if not isinstance(config, LoraConfig):
         with torch.inference_mode():
             assert (model(ids, mask) - ours).abs().max() > 1e-2
 
@@ -60,3 +66,23 @@ def test_prefix_positions_and_padding_are_peft_semantics(tmp_path, tiny_bert):
         assert torch.allclose(model(noisy, mask), ref, atol=1e-6)
         single = model(ids[1:2, : int(mask[1].sum())], mask[1:2, : int(mask[1].sum())])  # no padding at all
         assert torch.allclose(single, ref[1:2], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [("prompt_tuning", []), ("prompt_tuning", ["prompt_init=text", "prompt_init_text=classify the banking intent"]),
+     ("p_tuning", []), ("p_tuning", ["prompt_encoder=lstm", "encoder_hidden_size=16"])],
+    ids=["prompt-vocab", "prompt-text", "p-tuning-mlp", "p-tuning-lstm"],
+)  # fmt: skip
+def test_prompt_methods_train_export_and_load_in_peft(tmp_path, tiny_bert, method, extra):
+    from export.__main__ import export_run
+    from tests.conftest import train_small
+
+    run = train_small(tmp_path / "run", method, str(tiny_bert), extra)
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING"}[method]
+    labels = json.loads((run / "adapter" / "labels.json").read_text())
+    _compare(run / "adapter", tiny_bert, len(labels), atol=1e-5)
+    m = export_run(run, int8=False)
+    assert m["parity"]["max_abs_diff"] <= 1e-4 and m["parity"]["argmax_agree"] == 1.0 and m["parity"]["adapter_effect"] > 1e-3
+    assert m["num_virtual_tokens"] == 16 and m["max_positions"] == 128 - 16

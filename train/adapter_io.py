@@ -27,6 +27,7 @@ from train.errors import AdapterError
 CONFIG, WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
 CHECKPOINT, CHECKPOINT_META = "model.safetensors", "edgetune.json"
 CHECKPOINT_METHODS = ("full", "head")
+PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "p_tuning_v2", "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning"}
 PEFT_VERSION = "0.21.2"
 
 
@@ -64,6 +65,23 @@ def peft_config(cfg: RunConfig, model, base_path: str) -> dict:
             "use_dora": False,
             "init_lora_weights": True,
         }
+    prompt_common = {
+        **common,
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "token_dim": c.hidden_size,
+        "num_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_transformer_submodules": 1,
+        "modules_to_save": ["classifier", "score"],
+    }
+    if cfg.method == "prompt_tuning":
+        init = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "TEXT"}[cfg.prompt_init]
+        return {**prompt_common, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": init,
+                "prompt_tuning_init_text": cfg.prompt_init_text or None, "tokenizer_name_or_path": base_path}  # fmt: skip
+    if cfg.method == "p_tuning":
+        return {**prompt_common, "peft_type": "P_TUNING", "encoder_reparameterization_type": cfg.prompt_encoder.upper(),
+                "encoder_hidden_size": cfg.encoder_hidden_size or c.hidden_size, "encoder_num_layers": 2,
+                "encoder_dropout": 0.0}  # fmt: skip
     return {
         **common,
         "peft_type": "PREFIX_TUNING",
@@ -90,8 +108,10 @@ def adapter_tensors(model, method: str) -> dict[str, torch.Tensor]:
         for path, m in lora_modules(model).items():
             out[f"base_model.model.{path}.lora_A.weight"] = m.lora_A.weight
             out[f"base_model.model.{path}.lora_B.weight"] = m.lora_B.weight
-    else:
+    elif method == "p_tuning_v2":
         out["prompt_embeddings"] = model.prefix.table()
+    else:  # prompt tuning, P-tuning: the encoder's output, folded
+        out["prompt_embeddings"] = model.prompt.table()
     return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
 
 
@@ -159,12 +179,12 @@ def load_adapter(folder: Path) -> Adapter:
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{folder / WEIGHTS} is corrupt or not a safetensors file ({e})") from None
     peft_type = config.get("peft_type")
-    method = {"LORA": "lora", "PREFIX_TUNING": "p_tuning_v2"}.get(peft_type)
+    method = PEFT_TYPES.get(peft_type)
     if method is None:
-        raise AdapterError(f"adapter peft_type {peft_type!r} is not supported here (LORA, PREFIX_TUNING)")
+        raise AdapterError(f"adapter peft_type {peft_type!r} is not supported here ({', '.join(PEFT_TYPES)})")
     if config.get("task_type") != "SEQ_CLS":
         raise AdapterError(f"adapter task_type {config.get('task_type')!r}: only SEQ_CLS is supported")
-    if method == "p_tuning_v2" and "prompt_embeddings" not in tensors:
+    if method != "lora" and "prompt_embeddings" not in tensors:
         raise AdapterError(f"{folder / WEIGHTS} has no prompt_embeddings tensor")
     for k, t in tensors.items():
         if not torch.isfinite(t).all():

@@ -11,7 +11,7 @@ import yaml
 
 from train.errors import ConfigError
 
-METHODS = ("p_tuning_v2", "lora", "full", "head")
+METHODS = ("p_tuning_v2", "lora", "prompt_tuning", "p_tuning", "full", "head")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -33,10 +33,14 @@ class RunConfig:
     max_train_samples: int = 0  # 0 = all; for smoke runs
     max_eval_samples: int = 0  # 0 = all; for smoke runs
     # method
-    method: str = "p_tuning_v2"  # p_tuning_v2 | lora | full (all weights, optionally partly frozen) | head (classifier only)
-    num_virtual_tokens: int = 16  # prefix length P (p_tuning_v2)
-    prefix_projection: bool = False  # reparameterise the prefix through an MLP while training
-    encoder_hidden_size: int = 0  # hidden size of that MLP; 0 = model hidden size
+    # p_tuning_v2 | lora | prompt_tuning | p_tuning | full (all weights, optionally partly frozen) | head (classifier only)
+    method: str = "p_tuning_v2"
+    num_virtual_tokens: int = 16  # prefix length (p_tuning_v2) or prompt length (prompt_tuning, p_tuning) P
+    prefix_projection: bool = False  # p_tuning_v2: reparameterise the prefix through an MLP while training
+    encoder_hidden_size: int = 0  # hidden size of that MLP or of P-tuning's prompt encoder; 0 = model hidden size
+    prompt_init: str = "vocab"  # prompt_tuning: vocab (embeddings of random tokens) | random (N(0,1)) | text
+    prompt_init_text: str = ""  # prompt_tuning with prompt_init=text: the text whose token embeddings start the prompt
+    prompt_encoder: str = "mlp"  # p_tuning: mlp | lstm
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
@@ -63,6 +67,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
+        if self.prompt_init not in ("vocab", "random", "text"):
+            raise ConfigError(f"prompt_init={self.prompt_init!r} must be vocab, random or text")
+        if self.prompt_init == "text" and not self.prompt_init_text.strip():
+            raise ConfigError("prompt_init=text needs prompt_init_text=...")
+        if self.prompt_encoder not in ("mlp", "lstm"):
+            raise ConfigError(f"prompt_encoder={self.prompt_encoder!r} must be mlp or lstm")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.class_weights not in ("none", "balanced"):

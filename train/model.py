@@ -12,6 +12,9 @@ from train.config import RunConfig
 from train.errors import ConfigError
 from train.lora import LoRALinear, inject_lora
 from train.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, register_attention
+from train.prompt import PromptEmbedding, PromptEncoder
+
+VIRTUAL_TOKEN_METHODS = ("p_tuning_v2", "prompt_tuning", "p_tuning")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,12 +67,13 @@ def build_model(cfg: RunConfig, label_names: list[str], seed: int) -> PrefixMode
         p.requires_grad_(False)
     c = base.config
     prefix = None
+    prompt = None
+    if cfg.method in VIRTUAL_TOKEN_METHODS and cfg.max_length + cfg.num_virtual_tokens > c.max_position_embeddings:
+        raise ConfigError(
+            f"max_length ({cfg.max_length}) + num_virtual_tokens ({cfg.num_virtual_tokens}) exceeds the "
+            f"model's {c.max_position_embeddings} positions"
+        )
     if cfg.method == "p_tuning_v2":
-        if cfg.max_length + cfg.num_virtual_tokens > c.max_position_embeddings:
-            raise ConfigError(
-                f"max_length ({cfg.max_length}) + num_virtual_tokens ({cfg.num_virtual_tokens}) exceeds the "
-                f"model's {c.max_position_embeddings} positions"
-            )
         hidden = cfg.encoder_hidden_size or c.hidden_size
         prefix = PrefixEncoder(
             cfg.num_virtual_tokens,
@@ -77,6 +81,12 @@ def build_model(cfg: RunConfig, label_names: list[str], seed: int) -> PrefixMode
             c.num_attention_heads,
             c.hidden_size,
             hidden if cfg.prefix_projection else 0,
+        )
+    elif cfg.method == "prompt_tuning":
+        prompt = PromptEmbedding(base.base_model.embeddings.word_embeddings, cfg.num_virtual_tokens, _prompt_init_ids(cfg, c))
+    elif cfg.method == "p_tuning":
+        prompt = PromptEncoder(
+            cfg.num_virtual_tokens, c.hidden_size, cfg.encoder_hidden_size or c.hidden_size, cfg.prompt_encoder
         )
     elif cfg.method == "lora":
         inject_lora(base, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
@@ -93,7 +103,20 @@ def build_model(cfg: RunConfig, label_names: list[str], seed: int) -> PrefixMode
                 p.requires_grad_(False)
     for p in base.classifier.parameters():
         p.requires_grad_(True)
-    return PrefixModel(base, prefix, c.num_attention_heads)
+    return PrefixModel(base, prefix, c.num_attention_heads, prompt)
+
+
+def _prompt_init_ids(cfg: RunConfig, config) -> torch.Tensor | None:
+    """Token ids whose embeddings start a prompt-tuning prompt (PEFT's SAMPLE_VOCAB / TEXT), or None for random."""
+    if cfg.prompt_init == "random":
+        return None
+    if cfg.prompt_init == "vocab":
+        return torch.randint(0, config.vocab_size, (cfg.num_virtual_tokens,))
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(base_model_path(cfg.base_model))(cfg.prompt_init_text)["input_ids"]
+    ids = (ids * (cfg.num_virtual_tokens // len(ids) + 1))[: cfg.num_virtual_tokens]  # repeat or trim to P, as PEFT
+    return torch.tensor(ids)
 
 
 def head_parameters(model: PrefixModel) -> list[nn.Parameter]:

@@ -86,15 +86,16 @@ def register_attention() -> None:
 
 
 class PrefixModel(nn.Module):
-    """A sequence classifier with an optional per-layer prefix. forward(input_ids, attention_mask) -> logits.
+    """A sequence classifier with an optional per-layer prefix or input prompt. forward(input_ids, attention_mask) -> logits.
 
-    With ``prefix=None`` it is the plain model (used for LoRA and for the bare-base comparison).
+    With neither it is the plain model (used for LoRA, full fine-tuning and the bare-base comparison).
     """
 
-    def __init__(self, base: nn.Module, prefix: nn.Module | None, num_heads: int) -> None:
+    def __init__(self, base: nn.Module, prefix: nn.Module | None, num_heads: int, prompt: nn.Module | None = None) -> None:
         super().__init__()
         self.base = base
         self.prefix = prefix
+        self.prompt = prompt
         self.num_heads = num_heads
         self.num_layers = base.config.num_hidden_layers
 
@@ -107,5 +108,15 @@ class PrefixModel(nn.Module):
             kw["prefix_kv"] = kv
             kw["position_ids"] = torch.arange(p, p + s, device=input_ids.device).unsqueeze(0)  # (1, S)
             keep = torch.cat([torch.ones_like(keep[..., :1]).expand(-1, -1, -1, p), keep], dim=-1)  # (B, 1, 1, P+S)
+        if self.prompt is not None:
+            from train.prompt import prepend_prompt
+
+            table = self.prompt.table()  # (P, H)
+            p = table.shape[0]
+            kw["inputs_embeds"] = prepend_prompt(table, self.base.base_model.embeddings.word_embeddings, input_ids)
+            keep = torch.cat([torch.ones_like(keep[..., :1]).expand(-1, -1, -1, p), keep], dim=-1)  # (B, 1, 1, P+S)
+            if token_type_ids is not None:
+                token_type_ids = torch.cat([torch.zeros_like(token_type_ids[:, :1]).expand(-1, p), token_type_ids], dim=1)
+            input_ids = None
         out = self.base(input_ids=input_ids, attention_mask=keep, token_type_ids=token_type_ids, **kw)
         return out.logits
