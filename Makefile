@@ -1,4 +1,4 @@
-# edgetune: make train export [bench serve] | make test. Variables: RUN, CONFIG, OVERRIDES, PORT.
+# edgetune: make train export [bench serve] | make test. Variables: RUN, CONFIG, OVERRIDES, HOST, PORT.
 PY        ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
@@ -6,6 +6,7 @@ RUN       ?= runs/default
 CONFIG    ?= train/configs/default.yaml
 OVERRIDES ?=
 PORT      ?= 8080
+HOST      ?= 127.0.0.1
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -31,7 +32,7 @@ bench: venv   ## eager PyTorch vs onnxruntime: $(RUN)/bench/bench.json + latency
 	$(BIN)/python -m bench --run $(RUN)
 
 serve: venv   ## HTTP server on $(RUN)/export
-	$(BIN)/python -m serve --export $(RUN)/export --port $(PORT)
+	$(BIN)/python -m serve --export $(RUN)/export --host $(HOST) --port $(PORT)
 
 test: venv    ## everything that runs on a CPU
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
