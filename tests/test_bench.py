@@ -1,12 +1,14 @@
 """make bench's machinery on a tiny exported run: every implementation timed on every cell, files written."""
 
 import json
+import shutil
 
 from bench.__main__ import main
 
 
-def test_bench_writes_table_json_and_plot(exported, capsys):
-    run = exported("tiny", "lora")
+def test_bench_writes_table_json_and_plot(exported, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(exported("tiny", "lora"), run)  # leave the shared fixture run as it was
     assert main(["--run", str(run), "--budget", "0.03"]) == 0
     result = json.loads((run / "bench" / "bench.json").read_text())
     assert result["provider"] == "CPUExecutionProvider" and result["method"] == "lora"
