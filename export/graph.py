@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from train.errors import ExportError
+from train.prompt import prepend_prompt
 
 OPSET = 17
 INPUTS = ("input_ids", "attention_mask")
@@ -38,8 +39,6 @@ class PromptLogits(nn.Module):
         self.register_buffer("prompt", table.detach().float().clone())  # (P, H)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from train.prompt import prepend_prompt
-
         embeds = prepend_prompt(self.prompt, self.model.base_model.embeddings.word_embeddings, input_ids)  # (B, P+S, H)
         ones = torch.ones_like(attention_mask[:, :1]).expand(-1, self.prompt.shape[0])  # (B, P)
         return self.model(inputs_embeds=embeds, attention_mask=torch.cat([ones, attention_mask], dim=1)).logits

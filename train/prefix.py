@@ -16,6 +16,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from train.prompt import prepend_prompt
+
 ATTN_SDPA = "edgetune_sdpa"  # training and the eager model (export/attention.py has the exported form)
 
 
@@ -109,8 +111,6 @@ class PrefixModel(nn.Module):
             kw["position_ids"] = torch.arange(p, p + s, device=input_ids.device).unsqueeze(0)  # (1, S)
             keep = torch.cat([torch.ones_like(keep[..., :1]).expand(-1, -1, -1, p), keep], dim=-1)  # (B, 1, 1, P+S)
         if self.prompt is not None:
-            from train.prompt import prepend_prompt
-
             table = self.prompt.table()  # (P, H)
             p = table.shape[0]
             kw["inputs_embeds"] = prepend_prompt(table, self.base.base_model.embeddings.word_embeddings, input_ids)
