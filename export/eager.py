@@ -68,13 +68,11 @@ def attach_adapter(base: nn.Module, adapter: Adapter, num_heads: int) -> PrefixM
 def load_adapter_model(adapter_dir: Path, base_path: str = "", attn: str = ATTN_SDPA) -> PrefixModel:
     """Rebuild the eager PyTorch model from an adapter folder (base from ``base_path`` or the adapter config)."""
     adapter = load_adapter(adapter_dir)
-    if adapter.method in CHECKPOINT_METHODS:  # the folder is the whole fine-tuned model
-        model = load_base(Path(adapter_dir), adapter.label_names, attn)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return PrefixModel(model, None, model.config.num_attention_heads).eval()
-    path = base_model_path(base_path or adapter.config.get("base_model_name_or_path") or "")
+    checkpoint = adapter.method in CHECKPOINT_METHODS  # the folder is the whole fine-tuned model
+    path = Path(adapter_dir) if checkpoint else base_model_path(base_path or adapter.config.get("base_model_name_or_path") or "")
     base = load_base(path, adapter.label_names, attn)
     for p in base.parameters():
         p.requires_grad_(False)
+    if checkpoint:
+        return PrefixModel(base, None, base.config.num_attention_heads).eval()
     return attach_adapter(base, adapter, base.config.num_attention_heads)

@@ -87,6 +87,11 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTN_SDPA, sdpa_mask)
 
 
+def _with_virtual(keep: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, 1, 1, S) key mask -> (B, 1, 1, P+S): the P virtual positions are always attended to."""
+    return torch.cat([torch.ones_like(keep[..., :1]).expand(-1, -1, -1, p), keep], dim=-1)
+
+
 class PrefixModel(nn.Module):
     """A sequence classifier with an optional per-layer prefix or input prompt. forward(input_ids, attention_mask) -> logits.
 
@@ -109,12 +114,12 @@ class PrefixModel(nn.Module):
             p, s = kv[0][0].shape[2], input_ids.shape[1]
             kw["prefix_kv"] = kv
             kw["position_ids"] = torch.arange(p, p + s, device=input_ids.device).unsqueeze(0)  # (1, S)
-            keep = torch.cat([torch.ones_like(keep[..., :1]).expand(-1, -1, -1, p), keep], dim=-1)  # (B, 1, 1, P+S)
+            keep = _with_virtual(keep, p)
         if self.prompt is not None:
             table = self.prompt.table()  # (P, H)
             p = table.shape[0]
             kw["inputs_embeds"] = prepend_prompt(table, self.base.base_model.embeddings.word_embeddings, input_ids)
-            keep = torch.cat([torch.ones_like(keep[..., :1]).expand(-1, -1, -1, p), keep], dim=-1)  # (B, 1, 1, P+S)
+            keep = _with_virtual(keep, p)
             if token_type_ids is not None:
                 token_type_ids = torch.cat([torch.zeros_like(token_type_ids[:, :1]).expand(-1, p), token_type_ids], dim=1)
             input_ids = None
