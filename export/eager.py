@@ -14,6 +14,7 @@ from train.lora import LoRALinear, inject_lora
 from train.model import base_model_path, load_base
 from train.prefix import ATTN_SDPA, FrozenPrefix, PrefixModel
 from train.prompt import FrozenPrompt
+from train.tagging import CRF
 
 
 def attach_adapter(base: nn.Module, adapter: Adapter, num_heads: int) -> PrefixModel:
@@ -62,7 +63,16 @@ def attach_adapter(base: nn.Module, adapter: Adapter, num_heads: int) -> PrefixM
         base.classifier.load_state_dict(head)
     except RuntimeError as e:
         raise AdapterError(f"adapter classifier does not fit the model: {str(e).splitlines()[-1].strip()}") from None
-    return PrefixModel(base, prefix, num_heads, prompt).eval()
+    return PrefixModel(base, prefix, num_heads, prompt, crf_module(adapter)).eval()
+
+
+def crf_module(adapter: Adapter) -> CRF | None:
+    """The adapter's CRF head as a module, or None."""
+    if adapter.crf is None:
+        return None
+    crf = CRF(len(adapter.label_names))
+    crf.load_state_dict(adapter.crf)
+    return crf.requires_grad_(False)
 
 
 def load_adapter_model(adapter_dir: Path, base_path: str = "", attn: str = ATTN_SDPA) -> PrefixModel:
@@ -70,9 +80,9 @@ def load_adapter_model(adapter_dir: Path, base_path: str = "", attn: str = ATTN_
     adapter = load_adapter(adapter_dir)
     checkpoint = adapter.method in CHECKPOINT_METHODS  # the folder is the whole fine-tuned model
     path = Path(adapter_dir) if checkpoint else base_model_path(base_path or adapter.config.get("base_model_name_or_path") or "")
-    base = load_base(path, adapter.label_names, attn)
+    base = load_base(path, adapter.label_names, attn, adapter.task)
     for p in base.parameters():
         p.requires_grad_(False)
     if checkpoint:
-        return PrefixModel(base, None, base.config.num_attention_heads).eval()
+        return PrefixModel(base, None, base.config.num_attention_heads, crf=crf_module(adapter)).eval()
     return attach_adapter(base, adapter, base.config.num_attention_heads)

@@ -81,3 +81,78 @@ def check_parity(
             "that the export kept it (is the adapter trained?)"
         )
     return result
+
+
+@dataclass(frozen=True)
+class TagParity(Parity):
+    paths_agree: float = 1.0  # fraction of sentences whose decoded tag path equals the eager PyTorch decode
+
+
+def _decode(crf, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Tags (B, W), -1 on padding: the CRF's Viterbi path, or the argmax without a CRF."""
+    return crf.decode(emissions, mask) if crf is not None else torch.where(mask, emissions.argmax(-1), -1)
+
+
+@torch.inference_mode()
+def check_tagging_parity(
+    session,
+    eager,
+    bare,
+    tokenizer,
+    sentences: list[list[str]],
+    max_length: int,
+    tolerance: float = 1e-4,
+    require_effect: bool = True,
+) -> TagParity:
+    """Every sentence, in batches of 1, 8 and then 32: the graph's word emissions within ``tolerance`` of the eager
+    model's, and its decoded tags (in the graph, or decoded here from an emissions-only graph with the same CRF) equal
+    to the eager decode (the CRF's Viterbi path, or the argmax).
+
+    Raises:
+        ParityError: as check_parity, with paths instead of argmax.
+    """
+    from serve.tags import first_pieces
+    from train.tagging import collate_words, gather_words
+
+    sizes = [1, 8] + [32] * max(0, -(-(len(sentences) - 9) // 32))
+    outputs = [o.name for o in session.get_outputs()]
+    device = next(eager.parameters()).device
+    diffs, agree, effect, n, start = [], 0, 0.0, 0, 0
+    for size in sizes:
+        batch = sentences[start : start + size]
+        start += size
+        if not batch:
+            break
+        enc = tokenizer(
+            batch, is_split_into_words=True, padding=True, truncation=True, max_length=max_length, return_tensors="np"
+        )
+        word_index, word_mask, _ = collate_words([first_pieces(enc.word_ids(i))[0] for i in range(len(batch))])
+        feeds = {
+            "input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+            "word_index": word_index.numpy(),
+            "word_mask": word_mask.long().numpy(),
+        }
+        inputs = {i.name for i in session.get_inputs()}  # an emissions-only graph has no word_mask input
+        got = dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in inputs}), strict=True))
+        ids, mask = torch.from_numpy(feeds["input_ids"]).to(device), torch.from_numpy(feeds["attention_mask"]).to(device)
+        ref = gather_words(eager(ids, mask).float(), word_index.to(device))
+        base = gather_words(bare(ids, mask).float(), word_index.to(device))
+        wm = word_mask.to(device)
+        ours = torch.from_numpy(got["emissions"]).to(device)
+        tags = torch.from_numpy(got["tags"]).to(device) if "tags" in got else _decode(eager.crf, ours, wm)
+        diffs.append(float((ours - ref).abs()[wm].max()) if wm.any() else 0.0)
+        agree += int((tags == _decode(eager.crf, ref, wm)).all(dim=1).sum())
+        effect = max(effect, float((ref - base).abs()[wm].max()) if wm.any() else 0.0)
+        n += len(batch)
+    result = TagParity(max(diffs), agree / n, n, sizes[: len(diffs)], effect, tolerance, session.get_providers()[0], agree / n)
+    if not result.max_abs_diff <= tolerance:
+        raise ParityError(
+            f"parity gate failed: onnxruntime emissions differ from eager PyTorch by {result.max_abs_diff:.3g} "
+            f"(tolerance {tolerance:g}); the export is not kept"
+        )
+    if agree < n:
+        raise ParityError(f"parity gate failed: the decoded tags differ on {n - agree} of {n} sentences; the export is not kept")
+    if require_effect and result.adapter_effect < 10 * tolerance:
+        raise ParityError(f"parity gate failed: the adapter changes the emissions by only {effect:.3g} (is the adapter trained?)")
+    return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve.runtime import Classifier, ServeError
+from serve.runtime import ServeError, load_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens (default: as trained)")
     args = ap.parse_args(argv)
     try:
-        classifier = Classifier(args.export, args.provider, args.max_length, args.precision, args.tf32)
+        classifier = load_model(
+            args.export, providers=args.provider, max_length=args.max_length, precision=args.precision, tf32=args.tf32
+        )
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

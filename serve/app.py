@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from serve.runtime import Classifier
+from serve.runtime import Classifier, ServeError
 
 log = logging.getLogger("edgetune.serve")
 MAX_TEXTS = 256
@@ -53,8 +53,8 @@ def create_app(classifier: Classifier) -> Starlette:
     async def predict(request: Request) -> JSONResponse:
         try:
             texts, top_k = _parse(await request.body())
-            results = await run_in_threadpool(classifier.classify, texts, min(top_k, len(classifier.labels)))
-        except BadRequest as e:
+            results = await run_in_threadpool(classifier.predict, texts, min(top_k, len(classifier.labels)))
+        except (BadRequest, ServeError) as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         except Exception as e:  # the one boundary: log it, answer 500, keep serving
             log.exception("predict failed")
@@ -70,6 +70,7 @@ def create_app(classifier: Classifier) -> Starlette:
             {
                 "status": "ready",
                 "method": m["method"],
+                "task": m.get("task", "sequence-classification"),
                 "provider": classifier.provider,
                 "precision": classifier.precision,
                 "labels": len(classifier.labels),

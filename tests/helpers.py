@@ -29,22 +29,27 @@ def padded_batch(tokenizer_dir: Path, texts=SENTENCES) -> tuple[torch.Tensor, to
     return enc["input_ids"], enc["attention_mask"]
 
 
-def peft_model(adapter_dir: Path, base_dir: Path, num_labels: int):
+def auto_class(task: str):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    return AutoModelForTokenClassification if task == "tagging" else AutoModelForSequenceClassification
+
+
+def peft_model(adapter_dir: Path, base_dir: Path, num_labels: int, task: str = "classification"):
     """PEFT's own model: the base loaded by transformers, the adapter loaded by PeftModel.from_pretrained."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels, attn_implementation="eager")
+    base = auto_class(task).from_pretrained(base_dir, num_labels=num_labels, attn_implementation="eager")
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
 def random_peft_adapter(base_dir: Path, peft_config, out_dir: Path, num_labels: int = 5, seed: int = 0) -> Path:
     """An adapter written by the peft library itself, with every trainable tensor randomised."""
     from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+    task = "tagging" if str(peft_config.task_type) in ("TOKEN_CLS", "TaskType.TOKEN_CLS") else "classification"
+    base = auto_class(task).from_pretrained(base_dir, num_labels=num_labels)
     model = get_peft_model(base, peft_config)
     with torch.no_grad():
         for name, p in model.named_parameters():

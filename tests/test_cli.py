@@ -38,6 +38,9 @@ def files(tmp_path):
         (["data={d}/missing.csv"], "neither a builtin dataset"),
         (["data={d}/ok.csv", "test_data={d}/test_c.csv"], "never occur in train, e.g. 'c'"),
         (["method=lora", "lora_target_modules=qkv"], "match no Linear layer"),
+        (["num_virtual_tokens=480"], "max_length (64) + num_virtual_tokens (480) exceeds the model's 512 positions"),
+        (["head=crf"], "head=crf needs task=tagging"),
+        (["task=tagging", "data={d}/ok.csv"], "line 1 is not 'token<TAB>tag'"),
     ],
 )
 def test_train_bad_input(files, overrides, message):
@@ -56,3 +59,11 @@ def test_export_missing_and_corrupt_adapter(tmp_path):
     (adapter / "adapter_model.safetensors").write_bytes(b"junk")
     _assert_clean_error(_run("-m", "export", "--run", str(tmp_path / "run")), "is not valid JSON")
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_export_refuses_an_adapter_for_another_base_model(runs, tmp_path):
+    """A tiny-BERT prefix (2 layers, hidden 32) named onto MiniLM (6 layers, hidden 384) fails before any export."""
+    from tests.helpers import minilm_path
+
+    out = _run("-m", "export", "--run", str(runs("tiny", "p_tuning_v2")), "--base-model", str(minilm_path()))
+    _assert_clean_error(out, "does not fit this base model")

@@ -14,6 +14,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from train import dist  # noqa: E402
 from train.errors import EdgetuneError  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -25,35 +26,48 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from train.adapter_io import CHECKPOINT_METHODS, adapter_tensors, peft_config, save_adapter, save_checkpoint
+    from train.adapter_io import CHECKPOINT_METHODS, adapter_tensors, peft_config, save_adapter, save_checkpoint, save_crf
     from train.config import load_config, save_config
     from train.data import encode, load_dataset
     from train.loop import evaluate, pick_device, train
     from train.model import base_model_path, build_model
+    from train.tagging import encode_tagged, load_tagging_dataset
 
     cfg = load_config(config_path, overrides)
-    data = load_dataset(cfg)
+    tagging = cfg.task == "tagging"
+    data = load_tagging_dataset(cfg) if tagging else load_dataset(cfg)
     base_path = base_model_path(cfg.base_model)
     tok = AutoTokenizer.from_pretrained(base_path)
-    enc = {name: encode(getattr(data, name), tok, data.label_names, cfg.max_length) for name in ("train", "dev", "test")}
+    encoder = encode_tagged if tagging else encode
+    enc = {name: encoder(getattr(data, name), tok, data.label_names, cfg.max_length) for name in ("train", "dev", "test")}
     np.random.seed(cfg.seed)
     model = build_model(cfg, data.label_names, cfg.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(
-        f"{cfg.method}: {len(data.train.texts)} train / {len(data.dev.texts)} dev / {len(data.test.texts)} test, "
-        f"{len(data.label_names)} labels, {trainable:,} trainable of {total:,} parameters",
-        flush=True,
-    )
-    result = train(model, cfg, enc["train"], enc["dev"], tok.pad_token_id, len(data.label_names))
-    test = evaluate(model, enc["test"], tok.pad_token_id, pick_device(cfg), len(data.label_names))
+    sizes = [len(x.input_ids) for x in enc.values()]
+    main = dist.is_main()
+    if main:
+        print(
+            f"{cfg.method} ({cfg.task}, {cfg.head} head): {sizes[0]} train / {sizes[1]} dev / {sizes[2]} test, "
+            f"{len(data.label_names)} labels, {trainable:,} trainable of {total:,} parameters",
+            flush=True,
+        )
+    result = train(model, cfg, enc["train"], enc["dev"], tok.pad_token_id, data.label_names)
+    test = evaluate(model, enc["test"], tok.pad_token_id, pick_device(cfg), data.label_names)
+    scores = (
+        {"dev_accuracy": result.dev["accuracy"], "test_accuracy": test["accuracy"],  # token (word) accuracy
+         "dev_entity_f1": result.dev["f1"], "test_entity_f1": test["f1"], "test_entity_precision": test["precision"],
+         "test_entity_recall": test["recall"]}
+        if tagging
+        else {"dev_accuracy": result.dev["accuracy"], "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}
+    )  # fmt: skip
     metrics = {
         "method": cfg.method,
+        "task": cfg.task,
+        "head": cfg.head,
         "dataset": cfg.data,
         "base_model": str(base_path),
-        "dev_accuracy": result.dev["accuracy"],
-        "test_accuracy": test["accuracy"],
-        "test_macro_f1": test["macro_f1"],
+        **scores,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "trainable_params": trainable,
@@ -64,17 +78,23 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
         "bf16": result.bf16,
         "device": str(pick_device(cfg)),
         "torch_threads": torch.get_num_threads(),
+        "world_size": dist.world_size(),
         "history": result.history,
     }
+    if not main:  # rank 0 writes the run folder
+        dist.barrier()
+        return metrics
     # Everything goes to a temporary folder first, renamed into place when complete.
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
     try:
         if cfg.method in CHECKPOINT_METHODS:  # no PEFT format for these: a full model folder
-            save_checkpoint(tmp / "adapter", model, cfg.method, str(base_path), data.label_names)
+            save_checkpoint(tmp / "adapter", model, cfg.method, str(base_path), data.label_names, cfg.task)
         else:
             tensors = adapter_tensors(model, cfg.method)
             save_adapter(tmp / "adapter", peft_config(cfg, model, str(base_path)), tensors, data.label_names)
+        if model.crf is not None:
+            save_crf(tmp / "adapter", model.crf)
         save_config(cfg, tmp / "config.yaml")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         run_dir.mkdir(exist_ok=True)
@@ -85,12 +105,16 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
             (tmp / name).replace(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-    ap.add_argument("--run", default="runs/default", help="run folder to write (default: runs/default)")
+    ap.add_argument(
+        "--run", "--run-dir", dest="run", default="runs/default",
+        help="run folder to write (default: runs/default); under torchrun spell it --run-dir (torchrun takes --run for its --run-path)",
+    )  # fmt: skip
     ap.add_argument("--config", default=None, help="YAML config (default: train/configs/default.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     args = ap.parse_args(argv)
@@ -100,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     except EdgetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        dist.teardown()
+    if not dist.is_main():
+        return 0
+    score = f"entity F1 {m['test_entity_f1']:.4f}" if m["task"] == "tagging" else f"macro F1 {m['test_macro_f1']:.4f}"
     print(
-        f"{m['method']}: test accuracy {m['test_accuracy']:.4f}, macro F1 {m['test_macro_f1']:.4f}, "
+        f"{m['method']}: test accuracy {m['test_accuracy']:.4f}, {score}, "
         f"best epoch {m['best_epoch']}, {m['seconds_per_epoch']:.1f} s/epoch, total {time.perf_counter() - t0:.0f} s "
         f"-> {args.run}/adapter"
     )

@@ -3,7 +3,8 @@
 Tensor names are PEFT's, so an adapter written here loads with ``peft.PeftModel.from_pretrained`` and the reverse:
   LoRA:   base_model.model.<module path>.lora_A.weight / .lora_B.weight, base_model.model.classifier.{weight,bias}
   prefix: prompt_embeddings (P, 2*L*H), base_model.classifier.{weight,bias}
-``labels.json`` beside them holds the class names (PEFT ignores it).
+``labels.json`` beside them holds the class names (PEFT ignores it). Tagging runs have task_type TOKEN_CLS; a CRF head,
+which PEFT does not know, sits beside them in ``crf.safetensors`` (start, end, transitions).
 
 Full and head-only fine-tuning have no PEFT form: their "adapter" folder is a complete Hugging Face model folder
 (config.json + model.safetensors, loadable by ``AutoModelForSequenceClassification``) plus labels.json and
@@ -25,7 +26,8 @@ from train.config import RunConfig
 from train.errors import AdapterError
 
 CONFIG, WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
-CHECKPOINT, CHECKPOINT_META = "model.safetensors", "edgetune.json"
+CHECKPOINT, CHECKPOINT_META, CRF_WEIGHTS = "model.safetensors", "edgetune.json", "crf.safetensors"
+TASK_TYPES = {"SEQ_CLS": "classification", "TOKEN_CLS": "tagging"}
 CHECKPOINT_METHODS = ("full", "head")
 PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "p_tuning_v2", "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning"}
 PEFT_VERSION = "0.21.2"
@@ -38,6 +40,8 @@ class Adapter:
     tensors: dict[str, torch.Tensor]
     label_names: list[str]
     sha256: str  # of adapter_model.safetensors
+    task: str = "classification"  # classification | tagging
+    crf: dict[str, torch.Tensor] | None = None  # start, end, transitions of a CRF head
 
 
 def peft_config(cfg: RunConfig, model, base_path: str) -> dict:
@@ -45,7 +49,7 @@ def peft_config(cfg: RunConfig, model, base_path: str) -> dict:
     c = model.base.config
     common = {
         "base_model_name_or_path": base_path,
-        "task_type": "SEQ_CLS",
+        "task_type": {v: k for k, v in TASK_TYPES.items()}[cfg.task],
         "inference_mode": True,
         "peft_version": PEFT_VERSION,
         "revision": None,
@@ -123,11 +127,32 @@ def save_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], l
     (folder / LABELS).write_text(json.dumps(label_names, indent=1))
 
 
-def save_checkpoint(folder: Path, model, method: str, base_path: str, label_names: list[str]) -> None:
+def save_checkpoint(folder: Path, model, method: str, base_path: str, label_names: list[str], task: str) -> None:
     """Write a full/head-only fine-tuned model as a Hugging Face model folder (see the module docstring)."""
     model.base.save_pretrained(folder)
     (folder / LABELS).write_text(json.dumps(label_names, indent=1))
-    (folder / CHECKPOINT_META).write_text(json.dumps({"method": method, "base_model_name_or_path": base_path}, indent=2))
+    meta = {"method": method, "task": task, "base_model_name_or_path": base_path}
+    (folder / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
+
+
+def save_crf(folder: Path, crf) -> None:
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in crf.state_dict().items()}, str(folder / CRF_WEIGHTS))
+
+
+def _load_crf(folder: Path, num_labels: int) -> dict[str, torch.Tensor] | None:
+    path = folder / CRF_WEIGHTS
+    if not path.is_file():
+        return None
+    try:
+        crf = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{path} is corrupt or not a safetensors file ({e})") from None
+    want = {"start": (num_labels,), "end": (num_labels,), "transitions": (num_labels, num_labels)}
+    if {k: tuple(v.shape) for k, v in crf.items()} != want:
+        raise AdapterError(f"{path} does not hold a CRF for {num_labels} tags (start, end, transitions)")
+    if not all(torch.isfinite(v).all() for v in crf.values()):
+        raise AdapterError(f"{path} holds NaN or inf")
+    return crf
 
 
 def _load_checkpoint(folder: Path) -> Adapter:
@@ -145,7 +170,10 @@ def _load_checkpoint(folder: Path) -> Adapter:
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"{folder / CHECKPOINT} is corrupt or not a safetensors file ({e})") from None
     label_names = json.loads((folder / LABELS).read_text())
-    return Adapter(meta["method"], meta, {}, label_names, file_sha256(folder / CHECKPOINT))
+    task = meta.get("task", "classification")
+    return Adapter(
+        meta["method"], meta, {}, label_names, file_sha256(folder / CHECKPOINT), task, _load_crf(folder, len(label_names))
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -182,8 +210,9 @@ def load_adapter(folder: Path) -> Adapter:
     method = PEFT_TYPES.get(peft_type)
     if method is None:
         raise AdapterError(f"adapter peft_type {peft_type!r} is not supported here ({', '.join(PEFT_TYPES)})")
-    if config.get("task_type") != "SEQ_CLS":
-        raise AdapterError(f"adapter task_type {config.get('task_type')!r}: only SEQ_CLS is supported")
+    task = TASK_TYPES.get(config.get("task_type"))
+    if task is None:
+        raise AdapterError(f"adapter task_type {config.get('task_type')!r} is not supported here ({', '.join(TASK_TYPES)})")
     if method != "lora" and "prompt_embeddings" not in tensors:
         raise AdapterError(f"{folder / WEIGHTS} has no prompt_embeddings tensor")
     for k, t in tensors.items():
@@ -199,7 +228,8 @@ def load_adapter(folder: Path) -> Adapter:
         label_names = [f"LABEL_{i}" for i in range(head["weight"].shape[0])]
     if len(label_names) != head["weight"].shape[0]:
         raise AdapterError(f"{labels_path} names {len(label_names)} labels, the classifier has {head['weight'].shape[0]}")
-    return Adapter(method, config, tensors, label_names, file_sha256(folder / WEIGHTS))
+    crf = _load_crf(folder, len(label_names))
+    return Adapter(method, config, tensors, label_names, file_sha256(folder / WEIGHTS), task, crf)
 
 
 def head_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

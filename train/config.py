@@ -13,6 +13,8 @@ from train.errors import ConfigError
 
 METHODS = ("p_tuning_v2", "lora", "prompt_tuning", "p_tuning", "full", "head")
 OPTIMIZERS = ("adamw", "adam", "sgd")
+TASKS = ("classification", "tagging")
+HEADS = ("linear", "crf")
 
 
 @dataclass(frozen=True)
@@ -21,8 +23,13 @@ class RunConfig:
 
     # model
     base_model: str = ""  # local Hugging Face model folder; "" = bundled all-MiniLM-L6-v2
+    # task
+    task: str = "classification"  # classification (one label per text) | tagging (one tag per word: NER, sequence labelling)
+    head: str = "linear"  # linear | crf (tagging only: a linear-chain CRF over the word emissions, Viterbi in the graph)
     # data
-    data: str = "banking77"  # builtin dataset (banking77, clinc150, hwu64) or a .csv/.tsv/.jsonl train file
+    # classification: builtin dataset (banking77, clinc150, hwu64) or a .csv/.tsv/.jsonl train file
+    # tagging: builtin wnut16 (WNUT-16 Twitter NER) or a CoNLL file (token<TAB>tag lines, blank line between sentences)
+    data: str = "banking77"
     dev_data: str = ""  # dev file for a file dataset; "" = split dev_fraction off the train file
     test_data: str = ""  # test file for a file dataset; "" = split test_fraction off the train file
     text_column: str = "text"
@@ -63,10 +70,21 @@ class RunConfig:
     seed: int = 42
     bf16: str = "auto"  # auto (on where the hardware has native bf16) | true | false
     device: str = "auto"  # auto | cpu | cuda
+    gradient_checkpointing: bool = False  # recompute encoder layers in the backward pass: less memory, ~30 % slower steps
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
+        if self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} is not one of {', '.join(TASKS)}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head={self.head!r} is not one of {', '.join(HEADS)}")
+        if self.head == "crf" and self.task != "tagging":
+            raise ConfigError("head=crf needs task=tagging: a CRF scores tag sequences, a text classifier has one label")
+        if self.head == "crf" and (self.class_weights != "none" or self.label_smoothing):
+            raise ConfigError(
+                "class_weights / label_smoothing apply to the cross-entropy loss; head=crf trains on the CRF likelihood"
+            )
         if self.prompt_init not in ("vocab", "random", "text"):
             raise ConfigError(f"prompt_init={self.prompt_init!r} must be vocab, random or text")
         if self.prompt_init == "text" and not self.prompt_init_text.strip():

@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from train import dist
 from train.config import RunConfig
 from train.data import Encoded, bucketed_batches, collate, eval_batches
 from train.model import adapter_parameters, head_parameters
 from train.prefix import PrefixModel
+from train.tagging import TagEncoded, collate_words, entity_metrics, full_tags, gather_words
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
@@ -64,9 +66,44 @@ def predict(model: PrefixModel, data: Encoded, pad_id: int, device: torch.device
     return preds
 
 
-def evaluate(model, data: Encoded, pad_id: int, device, num_labels: int) -> dict[str, float]:
-    pred = predict(model, data, pad_id, device)
-    return classification_metrics(np.asarray(data.labels), pred, num_labels)
+@torch.inference_mode()
+def predict_tags(
+    model: PrefixModel, data: TagEncoded, pad_id: int, device: torch.device, batch_size: int = 64
+) -> list[list[int]]:
+    """Tag ids of every kept word of every sentence (CRF: Viterbi path; linear head: argmax), fp32, eval mode."""
+    model.eval()
+    preds: list[list[int]] = [[] for _ in data.input_ids]
+    for idx in eval_batches([len(r) for r in data.input_ids], batch_size):
+        ids, mask = collate([data.input_ids[i] for i in idx], pad_id)
+        word_index, word_mask, _ = collate_words([data.word_index[i] for i in idx])
+        emissions = gather_words(model(ids.to(device), mask.to(device)).float(), word_index.to(device))  # (B, W, T)
+        tags = model.crf.decode(emissions, word_mask.to(device)) if model.crf is not None else emissions.argmax(-1)
+        for row, i in enumerate(idx):
+            preds[i] = tags[row, : len(data.word_index[i])].tolist()
+    return preds
+
+
+def evaluate(model, data: Encoded | TagEncoded, pad_id: int, device, label_names: list[str]) -> dict[str, float]:
+    """Classification: accuracy, macro F1. Tagging: entity precision / recall / F1 and token accuracy. ``score`` is
+    what picks the best epoch (accuracy, or entity F1)."""
+    if isinstance(data, TagEncoded):
+        pred = predict_tags(model, data, pad_id, device)
+        full = [full_tags(p, w, len(g), label_names) for p, w, g in zip(pred, data.words, data.gold, strict=True)]
+        m = entity_metrics(data.gold, full)
+        return {**m, "accuracy": m["token_accuracy"], "score": m["f1"]}
+    m = classification_metrics(np.asarray(data.labels), predict(model, data, pad_id, device), len(label_names))
+    return {**m, "score": m["accuracy"]}
+
+
+def batch_loss(model: PrefixModel, logits: torch.Tensor, target, cfg: RunConfig, class_weight) -> torch.Tensor:
+    """Cross-entropy over the classes (or over the words' tags), or the CRF negative log-likelihood."""
+    if not isinstance(target, tuple):
+        return F.cross_entropy(logits.float(), target, weight=class_weight, label_smoothing=cfg.label_smoothing)
+    word_index, word_mask, tags = target
+    emissions = gather_words(logits.float(), word_index)  # (B, W, T)
+    if model.crf is not None:
+        return model.crf.nll(emissions, tags, word_mask)
+    return F.cross_entropy(emissions[word_mask], tags[word_mask], weight=class_weight, label_smoothing=cfg.label_smoothing)
 
 
 def make_optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -104,16 +141,26 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def train(
-    model: PrefixModel, cfg: RunConfig, train_data: Encoded, dev_data: Encoded, pad_id: int, num_labels: int
+    model: PrefixModel, cfg: RunConfig, train_data: Encoded | TagEncoded, dev_data, pad_id: int, label_names: list[str]
 ) -> TrainResult:
-    """Train the adapter and head; leave the model holding the weights of the best dev epoch."""
-    device = pick_device(cfg)
+    """Train the adapter and head; leave the model holding the weights of the best dev epoch (accuracy, or entity F1).
+
+    Under torchrun, the processes share every global batch (see train/dist.py).
+    """
+    device = dist.local_device(pick_device(cfg))
+    dist.setup(device)
     model.to(device)
+    net = dist.wrap(model, device)
     bf16 = use_bf16(cfg, device)
     head, adapter = head_parameters(model), adapter_parameters(model)
     groups = [{"params": adapter, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
     opt = make_optimizer(cfg, [g for g in groups if g["params"]])
-    class_weight = balanced_class_weights(train_data.labels, num_labels).to(device) if cfg.class_weights == "balanced" else None
+    tagging = isinstance(train_data, TagEncoded)
+    if cfg.class_weights == "balanced":
+        flat = [t for row in train_data.labels for t in row] if tagging else train_data.labels
+        class_weight = balanced_class_weights(flat, len(label_names)).to(device)
+    else:
+        class_weight = None
     lengths = [len(r) for r in train_data.input_ids]
     steps_per_epoch = math.ceil(len(lengths) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
@@ -128,42 +175,50 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     best = (-1.0, 0, None)
     history, step, train_seconds, seen = [], 0, 0.0, 0
+    main = dist.is_main()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         batches = bucketed_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0, disable=not main)
         running = 0.0
-        for n, idx in enumerate(bar, 1):
+        for n, batch in enumerate(bar, 1):
+            idx, scale = dist.shard(batch)
             ids, mask = collate([train_data.input_ids[i] for i in idx], pad_id)
-            labels = torch.tensor([train_data.labels[i] for i in idx], device=device)
+            if tagging:
+                target = tuple(t.to(device) for t in collate_words([train_data.word_index[i] for i in idx],
+                                                                  [train_data.labels[i] for i in idx]))  # fmt: skip
+            else:
+                target = torch.tensor([train_data.labels[i] for i in idx], device=device)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
             with autocast:
-                logits = model(ids.to(device), mask.to(device))
-            loss = F.cross_entropy(logits.float(), labels, weight=class_weight, label_smoothing=cfg.label_smoothing)
+                logits = net(ids.to(device), mask.to(device))
+            loss = batch_loss(model, logits, target, cfg, class_weight)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale).backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             opt.step()
             sched.step()
             step += 1
-            seen += len(idx)
+            seen += len(batch)
             running += (loss.item() - running) / min(n, 50)
             bar.set_postfix(loss=f"{running:.4f}", refresh=False)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         train_seconds += time.perf_counter() - t0
-        dev = evaluate(model, dev_data, pad_id, device, num_labels)
+        dev = evaluate(model, dev_data, pad_id, device, label_names)
+        metric = "entity_f1" if tagging else "accuracy"
         history.append(
-            {"epoch": epoch, "train_loss": running, "dev_accuracy": dev["accuracy"], "seconds": time.perf_counter() - t0}
+            {"epoch": epoch, "train_loss": running, f"dev_{metric}": dev["score"], "seconds": time.perf_counter() - t0}
         )
-        print(
-            f"epoch {epoch}: train loss {running:.4f}  dev accuracy {dev['accuracy']:.4f}  ({history[-1]['seconds']:.0f} s)",
-            flush=True,
-        )
-        if dev["accuracy"] > best[0]:
+        if main:
+            print(
+                f"epoch {epoch}: train loss {running:.4f}  dev {metric} {dev['score']:.4f}  ({history[-1]['seconds']:.0f} s)",
+                flush=True,
+            )
+        if dev["score"] > best[0]:
             state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-            best = (dev["accuracy"], epoch, state, dev)
+            best = (dev["score"], epoch, state, dev)
         if cfg.max_steps and step >= cfg.max_steps:
             break
     _, best_epoch, state, dev = best

