@@ -25,11 +25,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="CUDA: let fp32 MatMuls use TF32 (faster at large batches, ~1e-2 off the gated logits)",
     )
+    ap.add_argument(
+        "--kernels",
+        default=None,
+        help="CUDA: the PrefixAttention custom-op library (default: $EDGETUNE_KERNELS or build/kernels/libedgetune_ort.so)",
+    )
     ap.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens (default: as trained)")
     args = ap.parse_args(argv)
     try:
         classifier = load_model(
-            args.export, providers=args.provider, max_length=args.max_length, precision=args.precision, tf32=args.tf32
+            args.export,
+            providers=args.provider,
+            max_length=args.max_length,
+            precision=args.precision,
+            tf32=args.tf32,
+            kernels=args.kernels,
         )
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)

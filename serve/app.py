@@ -73,6 +73,7 @@ def create_app(classifier: Classifier) -> Starlette:
                 "task": m.get("task", "sequence-classification"),
                 "provider": classifier.provider,
                 "precision": classifier.precision,
+                "graph": classifier.graph,
                 "labels": len(classifier.labels),
                 "adapter_sha256": m["adapter_sha256"],
             }

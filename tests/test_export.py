@@ -150,3 +150,13 @@ def test_full_partial_and_head_fine_tuning_export(tmp_path, tiny_bert, method, e
 
 def metrics_labels(run) -> int:
     return len(json.loads((run / "adapter" / "labels.json").read_text()))
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "full", "head"])
+def test_every_other_method_exports_on_minilm(exported, method):
+    """A few steps on the real MiniLM, exported through the same gate (the tiny-model cases are above and in
+    test_prefix.py)."""
+    m = json.loads((exported("minilm", method) / "export" / "manifest.json").read_text())
+    assert m["method"] == method and m["parity"]["max_abs_diff"] <= 1e-4 and m["parity"]["argmax_agree"] == 1.0
+    if method != "head":
+        assert m["parity"]["adapter_effect"] > 1e-3

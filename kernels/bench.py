@@ -1,0 +1,190 @@
+"""``python -m kernels.bench --out FILE.json``: the Triton prefix-attention kernel against its baselines, on a GPU.
+
+Attention alone (default: fp16, batch 32, 12 heads, sequence 128 with right padding, prefix 16, head dims 32 and 64),
+forward and forward+backward, CUDA-event median ms per call including launch gaps, and achieved TFLOP/s:
+  triton_prefix      kernels.op.prefix_attn: prefix and sequence read in one pass
+  triton_launchers   the same kernels launched directly (kernels/prefix_attention.py), without the torch op around them
+  sdpa_concat_mask   SDPA over concat(prefix, keys) with the extended (B, 1, 1, P+S) mask: the PEFT path (named baseline)
+  sdpa_seq_mask      SDPA over the sequence alone with its padding mask (no prefix)
+  sdpa_seq_nomask    SDPA over the sequence alone, no mask (no prefix): the launch floor
+Then one P-tuning v2 training step (forward, loss, backward, AdamW) of a MiniLM-shaped PrefixModel from train/ (random
+weights, bf16 autocast as train/loop.py, attention dropout on) with the kernel against the SDPA concat path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels import prefix_attention as tk
+from kernels.op import prefix_attn
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def median_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median over `iters` calls of the CUDA-event time of fn()."""
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def _sdpa_concat(q, k, v, pk, pv, keep):
+    b = q.shape[0]
+    k = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)  # (B, N, P+S, D)
+    v = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def attention_variants(b: int, n: int, s: int, p: int, d: int, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable, int]]:
+    """name -> (forward, forward+backward, key count per query) on one seeded, right-padded batch."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=g).requires_grad_()
+
+    q, k, v = rand(b, n, s, d), rand(b, n, s, d), rand(b, n, s, d)
+    pk, pv = rand(1, n, p, d), rand(1, n, p, d)
+    grad = torch.randn(b, n, s, d, device="cuda", dtype=dtype, generator=g)
+    lengths = torch.randint(s // 2, s + 1, (b,), device="cuda", generator=g, dtype=torch.int32)
+    lengths[0] = s
+    keep_seq = (torch.arange(s, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    keep = torch.cat([keep_seq.new_ones(b, 1, 1, p), keep_seq], dim=-1)  # (B, 1, 1, P+S)
+
+    def autograd_pair(fn, inputs):
+        return fn, lambda: torch.autograd.grad(fn(), inputs, grad)
+
+    def launchers():  # the kernels without the torch op around them
+        out, lse = tk.forward(q, k, v, pk, pv, lengths, False, d**-0.5)
+        return tk.backward(grad, q, k, v, pk, pv, lengths, out, lse, False, d**-0.5)
+
+    return {
+        "triton_prefix": (*autograd_pair(lambda: prefix_attn(q, k, v, pk, pv, lengths), [q, k, v, pk, pv]), p + s),
+        "triton_launchers": (lambda: tk.forward(q, k, v, pk, pv, lengths, False, d**-0.5), launchers, p + s),
+        "sdpa_concat_mask": (*autograd_pair(lambda: _sdpa_concat(q, k, v, pk, pv, keep), [q, k, v, pk, pv]), p + s),
+        "sdpa_seq_mask": (*autograd_pair(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep_seq), [q, k, v]), s),
+        "sdpa_seq_nomask": (*autograd_pair(lambda: F.scaled_dot_product_attention(q, k, v), [q, k, v]), s),
+    }
+
+
+def bench_attention(args: argparse.Namespace, d: int) -> dict:
+    b, n, s, p = args.batch, args.heads, args.seq, args.prefix
+    rows = {}
+    for name, (fwd, fwd_bwd, keys) in attention_variants(b, n, s, p, d, DTYPES[args.dtype]).items():
+        flops = 4 * b * n * s * keys * d  # two matmuls; the backward does 2.5x the forward's
+        with torch.no_grad():
+            fwd_ms = median_ms(fwd, args.warmup, args.iters)
+        both_ms = median_ms(fwd_bwd, args.warmup, args.iters)
+        rows[name] = {
+            "fwd_ms": fwd_ms,
+            "fwd_bwd_ms": both_ms,
+            "fwd_tflops": flops / fwd_ms / 1e9,
+            "fwd_bwd_tflops": 3.5 * flops / both_ms / 1e9,
+        }
+    base = rows["sdpa_concat_mask"]
+    for r in rows.values():
+        r["fwd_speedup_vs_concat"] = base["fwd_ms"] / r["fwd_ms"]
+        r["fwd_bwd_speedup_vs_concat"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    return rows
+
+
+def _sdpa_concat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **_):
+    """train/prefix.py's SDPA branch, on any device: the PEFT-style path the kernel replaces."""
+    pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)
+    b = query.shape[0]
+    key = torch.cat([pk.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)  # (B, N, P+S, D)
+    value = torch.cat([pv.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None  # (B, S, N, D)
+
+
+def bench_training_step(args: argparse.Namespace) -> dict:
+    """ms per P-tuning v2 optimiser step of a MiniLM-shaped classifier (6 layers, hidden 384, 12 heads, D 32)."""
+    from transformers import AttentionInterface, BertConfig, BertForSequenceClassification
+
+    from train.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, prefix_attention, register_attention
+
+    register_attention()
+    cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, num_labels=77,
+                     max_position_embeddings=512, attn_implementation=ATTN_SDPA)  # fmt: skip
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(cfg).cuda().train()
+    for prm in base.base_model.parameters():
+        prm.requires_grad_(False)
+    prefix = PrefixEncoder(args.prefix, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size).cuda()
+    model = PrefixModel(base, prefix, cfg.num_attention_heads)
+    opt = torch.optim.AdamW([prm for prm in model.parameters() if prm.requires_grad], lr=1e-3)
+    ids = torch.randint(1000, cfg.vocab_size, (args.batch, args.seq), device="cuda")
+    mask = (
+        torch.arange(args.seq, device="cuda")[None, :]
+        < torch.randint(args.seq // 2, args.seq + 1, (args.batch, 1), device="cuda")
+    ).long()
+    labels = torch.randint(0, cfg.num_labels, (args.batch,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(ids, mask), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    result = {}
+    for name, fn in (("triton_prefix", prefix_attention), ("sdpa_concat_mask", _sdpa_concat_attention)):
+        AttentionInterface.register(ATTN_SDPA, fn)
+        result[name] = {"step_ms": median_ms(step, args.warmup, args.iters)}
+    register_attention()  # back to train/prefix.py's function
+    result["speedup_vs_concat"] = result["sdpa_concat_mask"]["step_ms"] / result["triton_prefix"]["step_ms"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--prefix", type=int, default=16)
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--no-train-step", action="store_true", help="skip the P-tuning v2 training-step comparison")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False): run it on a GPU machine")
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "attention": {f"d{d}": bench_attention(args, d) for d in args.head_dims},
+    }
+    if not args.no_train_step:
+        report["train_step"] = bench_training_step(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"{'head dim':>8} {'variant':>18} {'fwd ms':>8} {'fwd+bwd ms':>11} {'fwd TFLOP/s':>12} {'x concat (fwd, fwd+bwd)':>24}")
+    for d, rows in report["attention"].items():
+        for name, r in rows.items():
+            print(f"{d:>8} {name:>18} {r['fwd_ms']:8.4f} {r['fwd_bwd_ms']:11.4f} {r['fwd_tflops']:12.2f} "
+                  f"{r['fwd_speedup_vs_concat']:11.2f} {r['fwd_bwd_speedup_vs_concat']:11.2f}")  # fmt: skip
+    if "train_step" in report:
+        t = report["train_step"]
+        print(f"train step ms: kernel {t['triton_prefix']['step_ms']:.3f}, SDPA concat {t['sdpa_concat_mask']['step_ms']:.3f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,463 @@
+"""Triton attention over a learned prefix and the sequence, in one online-softmax pass (issue 4).
+
+Prefix keys/values (P positions, always visible) and sequence keys/values (masked by a per-row length, right
+padding, optionally causal) are read from separate tensors: nothing is concatenated and a batch-shared prefix is
+read with batch stride 0. Grouped-query attention: query head h reads key/value head h // kv_group.
+Inputs fp32, fp16 or bf16, accumulation in fp32; head dims 32, 64, 128; any sequence and prefix length.
+A query row with no visible key (length 0 and no prefix) gives zeros and log-sum-exp -inf. For training, optional
+dropout on the attention weights, drawn from a Philox stream that the backward replays.
+
+Order (STYLE.md 12): forward kernels (`prefix_attn_fwd`, the stable one compiled ahead of time for serving, and
+`prefix_attn_fwd_dropout`), the AOT description, backward kernels, launchers. The autograd function and the torch op
+are in kernels/op.py, the plain PyTorch reference in kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # kernels use exp2: exp(x) = exp2(x * LOG2E)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _dropout_keep(seed, rows, cols, num_cols, dropout_p):
+    """Which attention weights survive dropout: a Philox draw per (global query row, key column of P+S) >= dropout_p.
+    rows: (b * N + h) * S + i; cols: 0 .. P-1 for the prefix, P + j for sequence key j. Offsets are int32 (they wrap
+    past 2**31 weights, which only repeats random numbers)."""
+    return tl.rand(seed, (rows * num_cols + cols).to(tl.int32)) >= dropout_p
+
+
+@triton.jit
+def _attend_block_range(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, end, offs_m, qk_scale,
+                        rng_rows, col0, num_cols, dropout_p, seed,
+                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
+    """Fold keys 0 .. end-1 of one key/value source (columns col0 .. of P+S) into the running (max, sum, acc) of a
+    query block; with DROPOUT the weights that multiply V are dropped and rescaled, the softmax sum is not."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(0, end, BLOCK_N):
+        cols = start + offs_n
+        valid = cols < end
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BM, BN), log2 units
+        keep = valid[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None])
+        qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(
+                _dropout_keep(seed, rng_rows[:, None], col0 + cols[None, :], num_cols, dropout_p), p / (1.0 - dropout_p), 0.0
+            )
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_body(
+    Q, K, V, PK, PV, Lens, Out, Lse,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_pkb, stride_pkh, stride_pks,
+    stride_pvb, stride_pvh, stride_pvs,
+    stride_ob, stride_oh, stride_os,
+    num_heads, kv_group, seq_len, prefix_len, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    dropout_p, seed, DROPOUT: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    hk = h // kv_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    qk_scale = scale * LOG2E
+    rng_rows = pid_bh.to(tl.int64) * seq_len + offs_m
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, m_i, l_i = _attend_block_range(q, acc, m_i, l_i, PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh,
+                                        stride_pks, stride_pvs, prefix_len, offs_m, qk_scale, rng_rows, 0, prefix_len + seq_len,
+                                        dropout_p, seed, HEAD_DIM, BLOCK_N, False, DROPOUT)  # fmt: skip
+    end = tl.minimum(tl.load(Lens + b), seq_len)
+    if CAUSAL:
+        end = tl.minimum(end, (pid_m + 1) * BLOCK_M)
+    acc, m_i, l_i = _attend_block_range(q, acc, m_i, l_i, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+                                        stride_ks, stride_vs, end, offs_m, qk_scale, rng_rows, prefix_len, prefix_len + seq_len,
+                                        dropout_p, seed, HEAD_DIM, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])  # fmt: skip
+    tl.store(Lse + pid_bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def prefix_attn_fwd(
+    Q, K, V, PK, PV, Lens, Out, Lse,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_pkb, stride_pkh, stride_pks,
+    stride_pvb, stride_pvh, stride_pvs,
+    stride_ob, stride_oh, stride_os,
+    num_heads, kv_group, seq_len, prefix_len, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+):  # fmt: skip
+    """Forward: Out = softmax(scale * Q [PK; K]^T + mask) [PV; V], and Lse = the row log-sum-exp (natural log).
+
+    Arguments, in this order (all strides in elements; the head dim of every tensor must have stride 1):
+      Q, K, V, PK, PV, Out: pointers to the same dtype (fp32, fp16 or bf16).
+        Q, Out (B, N, S, D), K, V (B, Nkv, S, D), PK, PV (1 or B, Nkv, P, D), addressed as
+        ptr + b * stride_*b + h * stride_*h + s * stride_*s + d; a batch-shared prefix passes stride_pkb = stride_pvb = 0.
+      Lens: int32 (B,), row b's sequence keys j >= Lens[b] are masked (prefix keys never are).
+      Lse: fp32 (B, N, S), contiguous: written at ((b * N + h) * S + s).
+      stride_qb, stride_qh, stride_qs, stride_kb, ..., stride_ob, stride_oh, stride_os: int32, 3 per tensor, in the
+        order Q, K, V, PK, PV, Out.
+      num_heads (N), kv_group (N // Nkv), seq_len (S), prefix_len (P): int32. scale: fp32 (usually D ** -0.5).
+      HEAD_DIM (D: 32, 64 or 128), BLOCK_M, BLOCK_N (16 or more, powers of 2), CAUSAL (query i sees sequence keys
+        j <= i): tl.constexpr.
+    Grid: (cdiv(S, BLOCK_M), B * N, 1); program (i, b * N + h) computes query rows i*BLOCK_M .. of head h of row b.
+    `forward_signature` gives the dicts `triton.compile(ASTSource(...))` needs; `forward_grid` the grid.
+    Compiled by triton 3.7, the kernel also takes two trailing pointer parameters (global and profile scratch) that
+    an AOT launcher passes as null.
+    """
+    _fwd_body(Q, K, V, PK, PV, Lens, Out, Lse, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+              stride_vs, stride_pkb, stride_pkh, stride_pks, stride_pvb, stride_pvh, stride_pvs, stride_ob, stride_oh, stride_os,
+              num_heads, kv_group, seq_len, prefix_len, scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, 0.0, 0, False)  # fmt: skip
+
+
+@triton.jit
+def prefix_attn_fwd_dropout(
+    Q, K, V, PK, PV, Lens, Out, Lse,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_pkb, stride_pkh, stride_pks,
+    stride_pvb, stride_pvh, stride_pvs,
+    stride_ob, stride_oh, stride_os,
+    num_heads, kv_group, seq_len, prefix_len, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    dropout_p, seed,
+):  # fmt: skip
+    """The training forward: `prefix_attn_fwd` with dropout on the attention weights (each dropped with probability
+    dropout_p, fp32, from the Philox stream int32 `seed`, see `_dropout_keep`); the backward replays the same draws."""
+    _fwd_body(Q, K, V, PK, PV, Lens, Out, Lse, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+              stride_vs, stride_pkb, stride_pkh, stride_pks, stride_pvb, stride_pvh, stride_pvs, stride_ob, stride_oh, stride_os,
+              num_heads, kv_group, seq_len, prefix_len, scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, dropout_p, seed, True)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ahead-of-time description of the forward kernel
+# ---------------------------------------------------------------------------------------------------------------
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_POINTERS = ("Q", "K", "V", "PK", "PV", "Lens", "Out", "Lse")
+_STRIDES = tuple(f"stride_{t}{a}" for t in ("q", "k", "v", "pk", "pv", "o") for a in "bhs")
+_SIZES = ("num_heads", "kv_group", "seq_len", "prefix_len")
+
+
+class AotSpec(NamedTuple):
+    """What `triton.compile(ASTSource(prefix_attn_fwd, signature, constexprs, attrs), target, options)` needs."""
+
+    signature: dict[str, str]  # every argument by name: "*fp16", "i32", "fp32" or "constexpr"
+    constexprs: dict[str, int | bool]
+    attrs: dict[tuple[int, ...], list[list]]  # divisibility hints ({} when not aligned)
+    num_warps: int
+    num_stages: int
+    block_m: int  # for the grid: (cdiv(S, block_m), B * N, 1)
+
+
+def block_sizes(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward and backward kernels on an sm_80 / sm_90 GPU."""
+    if dtype == torch.float32 and head_dim > 64:
+        return 32, 32, 4, 2  # the fp32 backward at 64 x 32 needs 107 KB of shared memory: more than sm_86/89 have
+    if dtype == torch.float32 or head_dim > 64:
+        return 64, 32, 4, 2
+    return 64, 64, 4, 2
+
+
+def forward_signature(dtype: torch.dtype, head_dim: int, causal: bool = False, aligned: bool = True) -> AotSpec:
+    """The compile description of `prefix_attn_fwd` for one (dtype, head_dim, causal) variant.
+
+    aligned: add divisibility-by-16 hints on every pointer and stride (valid when all tensors start 16-byte aligned and
+    every stride is a multiple of 16 elements, as with contiguous (B, S, N*D) or (B, N, S, D) tensors and D in 32, 64,
+    128; a prefix batch stride of 0 qualifies). Unhinted arguments still work, with slower loads.
+    """
+    if dtype not in _TRITON_DTYPE or head_dim not in (32, 64, 128):
+        raise ValueError(f"prefix_attn_fwd supports fp32/fp16/bf16 and head dims 32/64/128, got {dtype}, {head_dim}")
+    block_m, block_n, num_warps, num_stages = block_sizes(dtype, head_dim)
+    ty = _TRITON_DTYPE[dtype]
+    ptr_ty = {"Lens": "*i32", "Lse": "*fp32"}
+    signature = {p: ptr_ty.get(p, f"*{ty}") for p in _POINTERS}
+    signature |= {s: "i32" for s in (*_STRIDES, *_SIZES)}
+    signature["scale"] = "fp32"
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "CAUSAL": causal}
+    signature |= {c: "constexpr" for c in constexprs}
+    assert list(signature) == prefix_attn_fwd.arg_names
+    hinted = (*_POINTERS, *_STRIDES) if aligned else ()
+    attrs = {(prefix_attn_fwd.arg_names.index(a),): [["tt.divisibility", 16]] for a in hinted}
+    return AotSpec(signature, constexprs, attrs, num_warps, num_stages, block_m)
+
+
+def forward_grid(batch: int, num_heads: int, seq_len: int, block_m: int) -> tuple[int, int, int]:
+    """Launch grid of `prefix_attn_fwd`."""
+    return triton.cdiv(seq_len, block_m), batch * num_heads, 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward: delta = rowsum(dOut * Out); dK/dV (sequence and prefix) per key block; dQ per query block
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def prefix_attn_bwd_delta(Out, DOut, Delta, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds, num_heads, seq_len,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """Delta (B, N, S) fp32 contiguous = sum_d DOut * Out. Grid (cdiv(S, BLOCK_M), B * N)."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows[:, None] < seq_len
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_ds + offs_d[None, :], mask=ok, other=0.0)
+    tl.store(Delta + pid_bh.to(tl.int64) * seq_len + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < seq_len)
+
+
+@triton.jit
+def _dkv_block(k_base, v_base, dk_base, dv_base, stride_ks, stride_vs, stride_dks, stride_dvs, start_n, end, size,
+               Q, DOut, Lse, Delta, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
+               b, hk, num_heads, kv_group, seq_len, scale, col0, num_cols, dropout_p, seed,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               DROPOUT: tl.constexpr):  # fmt: skip
+    """dK, dV of keys start_n .. start_n+BLOCK_N of one source (visible below `end`, stored below `size`, columns
+    col0 + ... of P+S for dropout), summed over the kv_group query heads that read them."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = cols < end
+    k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
+    v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    qk_scale = scale * LOG2E
+    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # causal: queries before this key block do not see it
+    hi = tl.where(start_n < end, seq_len, lo)  # a fully masked key block gets zero gradients
+    for g in range(kv_group):
+        h = hk * kv_group + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOut + b * stride_db + h * stride_dh
+        row_base = (b * num_heads + h) * seq_len
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < seq_len
+            q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # (BM, D)
+            do = tl.load(do_base + rows[:, None] * stride_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(Lse + row_base + rows, mask=row_ok, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
+            delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
+            keep = valid[:, None] & row_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[:, None] <= rows[None, :])
+            p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale - lse[None, :])  # (BN, BM)
+            p_t = tl.where(keep, p_t, 0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BN, BM)
+            if DROPOUT:
+                kept = _dropout_keep(seed, (row_base + rows)[None, :], col0 + cols[:, None], num_cols, dropout_p)
+                dv += tl.dot(tl.where(kept, p_t / (1.0 - dropout_p), 0.0).to(do.dtype), do, input_precision="ieee")
+                dp_t = tl.where(kept, dp_t / (1.0 - dropout_p), 0.0)
+            else:
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
+    stored = (cols < size)[:, None]
+    tl.store(dk_base + cols[:, None] * stride_dks + offs_d[None, :], (dk * scale).to(dk_base.dtype.element_ty), mask=stored)
+    tl.store(dv_base + cols[:, None] * stride_dvs + offs_d[None, :], dv.to(dv_base.dtype.element_ty), mask=stored)
+
+
+@triton.jit
+def prefix_attn_bwd_dkv(
+    Q, K, V, PK, PV, DOut, Lse, Delta, Lens, DK, DV, DPK, DPV,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_pkb, stride_pkh, stride_pks,
+    stride_pvb, stride_pvh, stride_pvs,
+    stride_db, stride_dh, stride_ds,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    num_heads, num_kv_heads, seq_len, prefix_len, scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
+    """dK, dV (B, Nkv, S, D) and per-row prefix grads DPK, DPV (B, Nkv, P, D) fp32 contiguous.
+
+    Grid (cdiv(S, BLOCK_N) + cdiv(P, BLOCK_N), B * Nkv): the first cdiv(S, BLOCK_N) programs take sequence key blocks,
+    the rest prefix key blocks. Lse and Delta as written by the forward and `prefix_attn_bwd_delta`.
+    """
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, hk = (pid_bh // num_kv_heads).to(tl.int64), (pid_bh % num_kv_heads).to(tl.int64)
+    kv_group = num_heads // num_kv_heads
+    n_seq_blocks = tl.cdiv(seq_len, BLOCK_N)
+    if pid_n < n_seq_blocks:
+        _dkv_block(K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+                   DK + b * stride_dkb + hk * stride_dkh, DV + b * stride_dvb + hk * stride_dvh, stride_ks, stride_vs, stride_dks,
+                   stride_dvs, pid_n * BLOCK_N, tl.minimum(tl.load(Lens + b), seq_len), seq_len,
+                   Q, DOut, Lse, Delta, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
+                   b, hk, num_heads, kv_group, seq_len, scale, prefix_len, prefix_len + seq_len, dropout_p, seed,
+                   HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
+    else:
+        prefix_base = (b * num_kv_heads + hk) * prefix_len * HEAD_DIM
+        _dkv_block(PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh, DPK + prefix_base, DPV + prefix_base,
+                   stride_pks, stride_pvs, HEAD_DIM, HEAD_DIM, (pid_n - n_seq_blocks) * BLOCK_N, prefix_len, prefix_len,
+                   Q, DOut, Lse, Delta, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
+                   b, hk, num_heads, kv_group, seq_len, scale, 0, prefix_len + seq_len, dropout_p, seed,
+                   HEAD_DIM, BLOCK_M, BLOCK_N, False, DROPOUT)  # fmt: skip
+
+
+@triton.jit
+def _dq_block_range(q, do, lse, delta, dq, k_base, v_base, stride_ks, stride_vs, end, rows, qk_scale,
+                    rng_rows, col0, num_cols, dropout_p, seed,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
+    """Add the contribution of keys 0 .. end-1 of one source to dQ / scale of a query block."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(0, end, BLOCK_N):
+        cols = start + offs_n
+        valid = cols < end
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+        keep = valid[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])  # (BM, BN)
+        p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        if DROPOUT:
+            kept = _dropout_keep(seed, rng_rows[:, None], col0 + cols[None, :], num_cols, dropout_p)
+            dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+    return dq
+
+
+@triton.jit
+def prefix_attn_bwd_dq(
+    Q, K, V, PK, PV, DOut, Lse, Delta, Lens, DQ,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_pkb, stride_pkh, stride_pks,
+    stride_pvb, stride_pvh, stride_pvs,
+    stride_db, stride_dh, stride_ds,
+    stride_dqb, stride_dqh, stride_dqs,
+    num_heads, kv_group, seq_len, prefix_len, scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
+    """dQ (B, N, S, D). Grid (cdiv(S, BLOCK_M), B * N), as the forward."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64)
+    hk = h // kv_group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < seq_len
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(
+        DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0
+    )
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * seq_len + rows, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * seq_len + rows, mask=row_ok, other=0.0)
+    qk_scale = scale * LOG2E
+    rng_rows = pid_bh.to(tl.int64) * seq_len + rows
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_block_range(q, do, lse, delta, dq, PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh,
+                         stride_pks, stride_pvs, prefix_len, rows, qk_scale, rng_rows, 0, prefix_len + seq_len, dropout_p, seed,
+                         HEAD_DIM, BLOCK_N, False, DROPOUT)  # fmt: skip
+    end = tl.minimum(tl.load(Lens + b), seq_len)
+    if CAUSAL:
+        end = tl.minimum(end, (pid_m + 1) * BLOCK_M)
+    dq = _dq_block_range(q, do, lse, delta, dq, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+                         stride_ks, stride_vs, end, rows, qk_scale, rng_rows, prefix_len, prefix_len + seq_len, dropout_p, seed,
+                         HEAD_DIM, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, position) strides of a (B, N, S, D) tensor; a batch of 1 reads as batch stride 0 (shared)."""
+    if t.stride(-1) != 1:
+        raise ValueError("prefix attention needs the head dim contiguous (stride 1)")
+    return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, lengths: torch.Tensor,
+            causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Launch the forward. q (B, N, S, D), k/v (B, Nkv, S, D), pk/pv (1 or B, Nkv, P, D), lengths int32 (B,); with
+    dropout_p > 0 the attention weights are dropped from the Philox stream `seed` (int32).
+
+    Returns out (B, N, S, D) (a transposed view of (B, S, N, D) memory) and lse float32 (B, N, S).
+    """
+    b, n, s, d = q.shape
+    out = torch.empty(b, s, n, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, N, S, D)
+    lse = torch.empty(b, n, s, dtype=torch.float32, device=q.device)
+    block_m, block_n, num_warps, num_stages = block_sizes(q.dtype, d)
+    args = (q, k, v, pk, pv, lengths, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(out),
+            n, n // k.shape[1], s, pk.shape[2], scale)  # fmt: skip
+    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, num_warps=num_warps, num_stages=num_stages)
+    grid = forward_grid(b, n, s, block_m)
+    if dropout_p > 0.0:
+        prefix_attn_fwd_dropout[grid](*args, dropout_p=dropout_p, seed=seed, **meta)
+    else:
+        prefix_attn_fwd[grid](*args, **meta)
+    return out, lse
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+             lengths: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, dropout_p: float = 0.0,
+             seed: int = 0) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Launch the backward. Shapes and dropout as `forward`; do like out. Returns dq, dk, dv, dpk, dpv shaped like
+    their inputs (a batch-shared prefix gets the gradient summed over the batch)."""
+    b, n, s, d = q.shape
+    nkv, p = k.shape[1], pk.shape[2]
+    block_m, block_n, num_warps, num_stages = block_sizes(q.dtype, d)
+    delta = torch.empty_like(lse)  # (B, N, S)
+    prefix_attn_bwd_delta[forward_grid(b, n, s, block_m)](
+        out, do, delta, *_strides(out), *_strides(do), n, s, HEAD_DIM=d, BLOCK_M=block_m
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dpk = torch.empty(b, nkv, p, d, dtype=torch.float32, device=q.device)  # per batch row, summed below if shared
+    dpv = torch.empty_like(dpk)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(do))
+    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0, num_warps=num_warps,
+                num_stages=num_stages)  # fmt: skip
+    grid = (triton.cdiv(s, block_n) + triton.cdiv(p, block_n), b * nkv, 1)
+    prefix_attn_bwd_dkv[grid](q, k, v, pk, pv, do, lse, delta, lengths, dk, dv, dpk, dpv, *common, *_strides(dk), *_strides(dv),
+                              n, nkv, s, p, scale, dropout_p, seed, **meta)  # fmt: skip
+    prefix_attn_bwd_dq[forward_grid(b, n, s, block_m)](q, k, v, pk, pv, do, lse, delta, lengths, dq, *common, *_strides(dq),
+                                                       n, n // nkv, s, p, scale, dropout_p, seed, **meta)  # fmt: skip
+    if pk.shape[0] == 1:
+        dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
+    return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype)

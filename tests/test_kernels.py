@@ -1,0 +1,332 @@
+"""The Triton prefix-attention kernels against a float64 reference (STYLE.md 8).
+
+On CPU the test_interpreted_* tests run the kernels under the Triton interpreter, in a subprocess started with
+TRITON_INTERPRET=1 (test_kernels_under_the_interpreter), so the variable never leaks into other test modules and the
+GPU tests (marker ``gpu``) compile the real kernels. The gate: the kernel's error against float64 is at most twice the
+error of the same computation in the input dtype in PyTorch, plus a small absolute floor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from kernels import prefix_attention
+from kernels.op import prefix_attn
+from kernels.prefix_attention import _dropout_keep, forward_signature, prefix_attn_fwd
+from kernels.reference import prefix_attn_reference
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # slack over 2x the PyTorch error, per unit of |value|
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+INTERPRETED = isinstance(prefix_attn_fwd, InterpretedFunction)  # TRITON_INTERPRET=1 was set before triton was imported
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_kernels_under_the_interpreter's subprocess")
+
+
+def test_kernels_under_the_interpreter():
+    """Run this file's test_interpreted_* tests in a subprocess with TRITON_INTERPRET=1 (it must be set before triton is
+    imported, so it cannot be switched on inside this process without affecting every other test module)."""
+    if INTERPRETED:
+        pytest.skip("already under the interpreter")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted", "-m", "not gpu"]
+    done = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+
+
+@dataclass(frozen=True)
+class Case:
+    b: int = 2
+    n: int = 2
+    nkv: int = 2
+    s: int = 17
+    p: int = 20
+    d: int = 32
+    causal: bool = False
+    shared: bool = True  # prefix (1, Nkv, P, D) for the batch, else (B, Nkv, P, D)
+    lengths: tuple[int, ...] | None = None  # None: no padding
+    dtype: torch.dtype = torch.float32
+
+    def __str__(self) -> str:
+        flags = ("causal " if self.causal else "") + ("shared" if self.shared else "per-row")
+        return f"b{self.b} n{self.n}/{self.nkv} s{self.s} p{self.p} d{self.d} {flags} len{self.lengths} {str(self.dtype)[6:]}"
+
+
+SPECIAL = [
+    Case(b=1, s=1, p=0),
+    Case(b=3, s=17, p=0, lengths=(17, 0, 3), causal=True),  # row 1 fully masked: zeros, no NaN
+    Case(b=2, s=17, p=20, lengths=(0, 4)),  # row 0 sees only the prefix
+    Case(n=4, nkv=1, s=17, p=20, lengths=(17, 8)),  # grouped-query attention, 4 query heads per kv head
+    Case(b=8, n=12, nkv=12, s=128, p=16, d=32, lengths=tuple(range(128, 0, -16)), dtype=torch.float16),  # MiniLM-shaped
+]
+# every sequence length x prefix length x head dim, rotating causal / per-row prefix / GQA / padding / dtype through them
+GRID = [
+    Case(n=4 if i % 3 == 0 else 2, nkv=2, s=s, p=p, d=d, causal=i % 2 == 1, shared=i % 4 < 2,
+         lengths=(s, s // 2 if i % 5 else 0), dtype=torch.float16 if i % 3 == 2 else torch.float32)
+    for i, (s, p, d) in enumerate(itertools.product((1, 17, 97), (0, 1, 20), (32, 64, 128)))
+]  # fmt: skip
+CASES = SPECIAL + GRID
+
+
+def _inputs(c: Case, device: str, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    pb = 1 if c.shared else c.b
+    shapes = [(c.b, c.n, c.s, c.d), (c.b, c.nkv, c.s, c.d), (c.b, c.nkv, c.s, c.d), (pb, c.nkv, c.p, c.d), (pb, c.nkv, c.p, c.d)]
+    tensors = [torch.randn(sh, generator=g).to(device, c.dtype) for sh in shapes]
+    lengths = torch.tensor(c.lengths if c.lengths is not None else [c.s] * c.b, dtype=torch.int32, device=device)
+    grad_out = torch.randn(c.b, c.n, c.s, c.d, generator=g).to(device, c.dtype)
+    return tensors, lengths, grad_out
+
+
+def _run(fn, tensors, lengths, grad_out, causal):
+    """Output and gradients (q, k, v, prefix k, prefix v) of fn, each as float64."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves, lengths, causal)
+    out.backward(grad_out.to(out.dtype))
+    return [out.double()] + [t.grad.double() if t.grad is not None else torch.zeros_like(t, dtype=torch.float64) for t in leaves]
+
+
+def _reference(dtype, dropout_p=0.0, dropout_mask=None):
+    def fn(q, k, v, pk, pv, lengths, causal):
+        cast = (t.to(dtype) for t in (q, k, v, pk, pv))
+        return prefix_attn_reference(*cast, lengths, causal, dropout_p=dropout_p, dropout_mask=dropout_mask)[0]
+
+    return fn
+
+
+def _kernel(dropout_p=0.0, seed=0):
+    """The op with a known dropout seed (prefix_attn would draw one)."""
+    return lambda q, k, v, pk, pv, lengths, causal: torch.ops.edgetune.prefix_attn(q, k, v, pk, pv, lengths, causal, q.shape[-1] ** -0.5, dropout_p, seed)[0]  # fmt: skip
+
+
+@triton.jit
+def _dropout_keep_kernel(Keep, seed, dropout_p, num_rows, num_cols, BLOCK: tl.constexpr):
+    """Keep (rows, cols) int8: the kernels' dropout draws, materialised. Grid (cdiv(rows, BLOCK), cdiv(cols, BLOCK))."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    kept = _dropout_keep(seed, rows[:, None].to(tl.int64), cols[None, :], num_cols, dropout_p)
+    tl.store(
+        Keep + rows[:, None] * num_cols + cols[None, :],
+        kept.to(tl.int8),
+        mask=(rows[:, None] < num_rows) & (cols[None, :] < num_cols),
+    )
+
+
+def dropout_mask(c: Case, dropout_p: float, seed: int, device: str) -> torch.Tensor:
+    """The kernels' dropout mask for case c, bool (B, N, S, P+S), True = kept."""
+    keep = torch.empty(c.b, c.n, c.s, c.p + c.s, dtype=torch.int8, device=device)
+    rows, cols = c.b * c.n * c.s, c.p + c.s
+    _dropout_keep_kernel[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](keep, seed, dropout_p, rows, cols, BLOCK=32)
+    return keep.bool()
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def check_against_float64(c: Case, device: str, dropout_p: float = 0.0, seed: int = 0) -> list[tuple[str, float, float]]:
+    """Assert the gate on output and every gradient; return (name, kernel error, PyTorch error) triples. With dropout
+    the references apply the kernels' own mask."""
+    tensors, lengths, grad_out = _inputs(c, device)
+    mask = dropout_mask(c, dropout_p, seed, device) if dropout_p else None
+    exact = _run(_reference(torch.float64, dropout_p, mask), tensors, lengths, grad_out, c.causal)
+    same = _run(_reference(c.dtype, dropout_p, mask), tensors, lengths, grad_out, c.causal)
+    ours = _run(_kernel(dropout_p, seed), tensors, lengths, grad_out, c.causal)
+    report = []
+    for name, e, s, o in zip(("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), exact, same, ours, strict=True):
+        assert o.shape == e.shape and torch.isfinite(o).all(), name
+        err, torch_err = _max_err(o, e), _max_err(s, e)
+        floor = FLOOR[c.dtype] * max(1.0, e.abs().max().item() if e.numel() else 0.0)
+        assert err <= 2 * torch_err + floor, f"{c} {name}: kernel error {err:.2e}, PyTorch {c.dtype} error {torch_err:.2e}"
+        report.append((name, err, torch_err))
+    if c.lengths is not None:  # padded keys get exactly zero gradient; rows with nothing visible give exactly zero
+        for b, n in enumerate(c.lengths):
+            assert (ours[2][b, :, n:] == 0).all() and (ours[3][b, :, n:] == 0).all()
+            if n == 0 and c.p == 0:
+                assert (ours[0][b] == 0).all() and (ours[1][b] == 0).all()
+    return report
+
+
+@interpreted
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_interpreted_kernel_matches_float64(case):
+    check_against_float64(case, "cpu")
+
+
+DROPOUT_CASES = [
+    Case(n=4, nkv=2, s=17, p=20, causal=True, lengths=(17, 6)),
+    Case(s=97, p=1, d=64, shared=False, lengths=(50, 97), dtype=torch.float16),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=str)
+def test_interpreted_dropout_matches_float64_with_the_same_mask(case):
+    mask = dropout_mask(case, 0.25, 1234, "cpu")
+    assert abs(mask.float().mean().item() - 0.75) < 0.02 and not torch.equal(mask, dropout_mask(case, 0.25, 1235, "cpu"))
+    check_against_float64(case, "cpu", dropout_p=0.25, seed=1234)
+
+
+@interpreted
+def test_interpreted_dropout_through_prefix_attn_is_seeded_by_torch():
+    (q, k, v, pk, pv), lengths, _ = _inputs(Case(s=17, p=4), "cpu")
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(prefix_attn(q, k, v, pk, pv, lengths, dropout_p=0.5))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert _max_err(runs[0], prefix_attn(q, k, v, pk, pv, lengths)) > 0.1
+
+
+@interpreted
+def test_interpreted_log_sum_exp_for_the_backward():
+    c = Case(b=3, s=17, p=1, lengths=(17, 0, 5), causal=True)
+    (q, k, v, pk, pv), lengths, _ = _inputs(c, "cpu")
+    _, lse = prefix_attention.forward(q, k, v, pk, pv, lengths, True, c.d**-0.5)
+    _, exact = prefix_attn_reference(q, k, v, pk, pv, lengths, True, dtype=torch.float64)
+    assert torch.allclose(lse.double(), exact, atol=1e-5)
+    c = Case(b=1, s=5, p=0, lengths=(0,))
+    (q, k, v, pk, pv), lengths, _ = _inputs(c, "cpu")
+    out, lse = prefix_attention.forward(q, k, v, pk, pv, lengths, False, c.d**-0.5)
+    assert (lse == float("-inf")).all() and (out == 0).all()
+
+
+@interpreted
+def test_interpreted_prefix_and_padding_change_the_output():
+    """A kernel that dropped the prefix or ignored the lengths would fail the gate above: show it would be caught."""
+    c = Case(s=17, p=20, lengths=(17, 5))
+    (q, k, v, pk, pv), lengths, _ = _inputs(c, "cpu")
+    ours = prefix_attn(q, k, v, pk, pv, lengths)
+    exact = prefix_attn_reference(q, k, v, pk, pv, lengths, dtype=torch.float64)[0]
+    assert _max_err(ours.double(), exact) < FLOOR[c.dtype]
+    assert _max_err(prefix_attn_reference(q, k, v, pk[:, :, :0], pv[:, :, :0], lengths)[0].double(), exact) > 0.1
+    assert _max_err(prefix_attn_reference(q, k, v, pk, pv, torch.full_like(lengths, c.s))[0].double(), exact) > 0.1
+    assert _max_err(prefix_attn_reference(q, k, v, pk, pv, lengths, causal=True)[0].double(), exact) > 0.1
+
+
+@interpreted
+def test_interpreted_strided_views_need_no_copies():
+    """q/k/v as (B, S, N, D) views of a fused (B, S, 3*N*D) projection, as BERT produces them."""
+    b, s, n, d = 2, 17, 2, 32
+    qkv = torch.randn(b, s, 3 * n * d)
+    q, k, v = (t.view(b, s, n, d).transpose(1, 2) for t in qkv.split(n * d, dim=-1))  # (B, N, S, D), strided
+    pk, pv = torch.randn(2, 1, n, 3, d).unbind(0)
+    lengths = torch.tensor([17, 9])
+    exact = prefix_attn_reference(q, k, v, pk, pv, lengths, dtype=torch.float64)[0]
+    assert _max_err(prefix_attn(q, k, v, pk, pv, lengths).double(), exact) < FLOOR[torch.float32]
+
+
+def test_no_prefix_and_shape_errors():
+    q = torch.randn(2, 4, 5, 8)
+    k = torch.randn(2, 2, 5, 8)
+    assert torch.allclose(prefix_attn(q, k, k, None, None, None), torch.nn.functional.scaled_dot_product_attention(q, *(k.repeat_interleave(2, 1),) * 2), atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="Nkv dividing N"):
+        prefix_attn(q, torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), None, None, None)
+    with pytest.raises(ValueError, match="share a dtype"):
+        prefix_attn(q, k.half(), k, None, None, None)
+    with pytest.raises(ValueError, match="prefix_k/prefix_v"):
+        prefix_attn(q, k, k, torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8), None)
+
+
+@interpreted
+def test_interpreted_op_registration():
+    """torch.library's own checks of the fake (shapes/strides) and autograd registrations, on the interpreted kernels."""
+    (q, k, v, pk, pv), lengths, _ = _inputs(Case(b=2, s=5, p=3, lengths=(5, 2)), "cpu")
+    inputs = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+    torch.library.opcheck(torch.ops.edgetune.prefix_attn.default, (*inputs, lengths, False, 0.125, 0.0, 0))
+
+
+def test_op_registration_on_the_reference_path():
+    (q, k, v, pk, pv), lengths, _ = _inputs(Case(b=2, n=4, nkv=2, s=5, p=3, d=8, lengths=(5, 0)), "cpu")  # d=8: reference
+    inputs = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+    torch.library.opcheck(torch.ops.edgetune.prefix_attn.default, (*inputs, lengths, True, 0.3, 0.0, 0))
+
+
+def test_reference_path_on_cpu_without_interpreter():
+    check_against_float64(Case(n=4, nkv=2, s=17, p=20, d=8, lengths=(17, 0), causal=True), "cpu")  # d=8: reference only
+
+
+@pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET is set")
+def test_forward_compiles_ahead_of_time_for_sm90():
+    """The contract with the AOT build: forward_signature's dicts compile, and the cubin takes the documented
+    parameters (8 pointers, 22 int32, 1 float, then triton's 2 scratch pointers)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = forward_signature(torch.float16, 64, causal=True)
+    kernel = triton.compile(ASTSource(prefix_attn_fwd, spec.signature, spec.constexprs, spec.attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})  # fmt: skip
+    params = re.findall(r"\.param \.(\w+)", kernel.asm["ptx"].split(")")[0])
+    assert params == ["u64"] * 8 + ["u32"] * 22 + ["f32"] + ["u64"] * 2
+    assert kernel.asm["cubin"] and kernel.name == "prefix_attn_fwd"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: the same cases compiled, plus fp16/bf16 everywhere and BERT-sized shapes
+# ---------------------------------------------------------------------------------------------------------------
+
+GPU_CASES = CASES + [
+    Case(**{**c.__dict__, "dtype": dt}) for c in CASES if c.dtype == torch.float32 for dt in DTYPES[1:]
+] + [
+    Case(b=32, n=12, nkv=12, s=128, p=16, d=64, lengths=tuple(range(128, 0, -4)), dtype=torch.bfloat16),
+    Case(b=4, n=12, nkv=4, s=257, p=20, d=64, causal=True, shared=False, lengths=(257, 1, 100, 0), dtype=torch.bfloat16),
+    Case(b=2, n=8, nkv=8, s=200, p=16, d=128, lengths=(200, 130), dtype=torch.float32),
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_kernel_matches_float64(case):
+    check_against_float64(case, "cuda")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("case", [Case(**{**c.__dict__, "dtype": dt}) for c in DROPOUT_CASES for dt in DTYPES], ids=str)
+def test_gpu_dropout_matches_float64_with_the_same_mask(case):
+    check_against_float64(case, "cuda", dropout_p=0.25, seed=1234)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_training_attention_function_matches_sdpa_path(dtype):
+    """train/prefix.py's attention function, output and gradients: the kernel branch (CUDA) against the SDPA branch
+    (CPU), with padding."""
+    from types import SimpleNamespace
+
+    from train.prefix import prefix_attention
+
+    b, n, s, p, d = 3, 4, 19, 5, 32
+    q, k, v, pk, pv = (torch.randn(*shape) for shape in [(b, n, s, d)] * 3 + [(1, n, p, d)] * 2)
+    mask = torch.ones(b, 1, 1, p + s, dtype=torch.bool)
+    mask[1, ..., p + 7 :] = False
+    mask[2, ..., p:] = False
+    grad = torch.randn(b, s, n, d)
+    results = []
+    for device, dt in (("cpu", torch.float32), ("cuda", dtype)):
+        leaves = [t.detach().to(device, dt if i < 3 else torch.float32).requires_grad_() for i, t in enumerate((q, k, v, pk, pv))]
+        out, _ = prefix_attention(
+            SimpleNamespace(layer_idx=0), *leaves[:3], mask.to(device), scaling=d**-0.5, prefix_kv=[leaves[3:]]
+        )
+        assert out.shape == (b, s, n, d)
+        out.backward(grad.to(device, out.dtype))
+        results.append([out.cpu().double()] + [t.grad.cpu().double() for t in leaves])
+    for name, cpu, gpu in zip(("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), *results, strict=True):
+        assert _max_err(gpu, cpu) < (1e-5 if dtype == torch.float32 else 1e-2) * max(1.0, cpu.abs().max().item()), name
