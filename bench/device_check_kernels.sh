@@ -27,8 +27,9 @@ python3 -c "import onnxruntime as o; o.preload_dlls(); print('ort', o.__version_
 RUN=/tmp/runs/prefix_op
 python3 -m train --run "$RUN" epochs=1 2>&1 | grep -v "batch/s" | tee "$OUT/train.log"
 python3 -m export --run "$RUN" --no-int8 2>&1 | tee "$OUT/export.log"
-if python3 -c "import pytest" 2>/dev/null; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_prefix_op.py 2>&1 | tail -30 | tee "$OUT/pytest_gpu.log" || true
+if python3 -c "import pytest" 2>/dev/null; then  # the compiled Triton kernels (outputs, gradients) and the custom op
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_prefix_op.py 2>&1 | tail -40 | tee "$OUT/pytest_gpu.log" || true
 fi
+python3 -m kernels.bench --out "$OUT/kernels_bench.json" 2>&1 | tail -30 | tee "$OUT/kernels_bench.log" || true
 python3 -m bench.prefix_op "$RUN" "$OUT/prefix_op_bench.json" 2>&1 | tee "$OUT/prefix_op_bench.log"
 cp "$RUN/export/manifest.json" "$OUT/"

@@ -16,6 +16,16 @@ from tests.helpers import minilm_path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Kernel tests marked ``interpreted`` need TRITON_INTERPRET=1 from the start of the process: outside such a process
+    (test_kernels.py starts one) they are deselected, not skipped; inside it, only they run."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    keep = [i for i in items if (i.get_closest_marker("interpreted") is not None) == interpreting]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 random BERT saved as a local model folder, with MiniLM's tokenizer files."""

@@ -20,7 +20,6 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 from kernels import prefix_attention
 from kernels.op import prefix_attn
@@ -32,17 +31,14 @@ FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # sl
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-INTERPRETED = isinstance(prefix_attn_fwd, InterpretedFunction)  # TRITON_INTERPRET=1 was set before triton was imported
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_kernels_under_the_interpreter's subprocess")
+interpreted = pytest.mark.interpreted  # collected only under the interpreter (tests/conftest.py), i.e. in the subprocess below
 
 
 def test_kernels_under_the_interpreter():
     """Run this file's test_interpreted_* tests in a subprocess with TRITON_INTERPRET=1 (it must be set before triton is
     imported, so it cannot be switched on inside this process without affecting every other test module)."""
-    if INTERPRETED:
-        pytest.skip("already under the interpreter")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted", "-m", "not gpu"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "interpreted"]
     done = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
@@ -260,7 +256,6 @@ def test_reference_path_on_cpu_without_interpreter():
     check_against_float64(Case(n=4, nkv=2, s=17, p=20, d=8, lengths=(17, 0), causal=True), "cpu")  # d=8: reference only
 
 
-@pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET is set")
 def test_forward_compiles_ahead_of_time_for_sm90():
     """The contract with the AOT build: forward_signature's dicts compile, and the cubin takes the documented
     parameters (8 pointers, 22 int32, 1 float, then triton's 2 scratch pointers)."""
