@@ -91,11 +91,10 @@ def torch_runner(model, device):
 
 def eager_tagger(model):
     """The eager tagger end to end, as the graph: emissions at the words' first pieces, then the CRF decode (or argmax)."""
-    from export.parity import _decode
-    from train.tagging import gather_words
+    from train.tagging import decode_tags, gather_words
 
     def run(input_ids, attention_mask, word_index, word_mask):
-        return _decode(model.crf, gather_words(model(input_ids, attention_mask).float(), word_index), word_mask.bool())
+        return decode_tags(model.crf, gather_words(model(input_ids, attention_mask).float(), word_index), word_mask.bool())
 
     return run
 

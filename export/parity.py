@@ -88,11 +88,6 @@ class TagParity(Parity):
     paths_agree: float = 1.0  # fraction of sentences whose decoded tag path equals the eager PyTorch decode
 
 
-def _decode(crf, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Tags (B, W), -1 on padding: the CRF's Viterbi path, or the argmax without a CRF."""
-    return crf.decode(emissions, mask) if crf is not None else torch.where(mask, emissions.argmax(-1), -1)
-
-
 @torch.inference_mode()
 def check_tagging_parity(
     session,
@@ -112,7 +107,7 @@ def check_tagging_parity(
         ParityError: as check_parity, with paths instead of argmax.
     """
     from serve.tags import first_pieces
-    from train.tagging import collate_words, gather_words
+    from train.tagging import collate_words, decode_tags, gather_words
 
     sizes = [1, 8] + [32] * max(0, -(-(len(sentences) - 9) // 32))
     outputs = [o.name for o in session.get_outputs()]
@@ -140,9 +135,9 @@ def check_tagging_parity(
         base = gather_words(bare(ids, mask).float(), word_index.to(device))
         wm = word_mask.to(device)
         ours = torch.from_numpy(got["emissions"]).to(device)
-        tags = torch.from_numpy(got["tags"]).to(device) if "tags" in got else _decode(eager.crf, ours, wm)
+        tags = torch.from_numpy(got["tags"]).to(device) if "tags" in got else decode_tags(eager.crf, ours, wm)
         diffs.append(float((ours - ref).abs()[wm].max()) if wm.any() else 0.0)
-        agree += int((tags == _decode(eager.crf, ref, wm)).all(dim=1).sum())
+        agree += int((tags == decode_tags(eager.crf, ref, wm)).all(dim=1).sum())
         effect = max(effect, float((ref - base).abs()[wm].max()) if wm.any() else 0.0)
         n += len(batch)
     result = TagParity(max(diffs), agree / n, n, sizes[: len(diffs)], effect, tolerance, session.get_providers()[0], agree / n)

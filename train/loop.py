@@ -17,7 +17,7 @@ from train.config import RunConfig
 from train.data import Encoded, bucketed_batches, collate, eval_batches
 from train.model import adapter_parameters, head_parameters
 from train.prefix import PrefixModel
-from train.tagging import TagEncoded, collate_words, entity_metrics, full_tags, gather_words
+from train.tagging import TagEncoded, collate_words, decode_tags, entity_metrics, full_tags, gather_words
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
@@ -77,7 +77,7 @@ def predict_tags(
         ids, mask = collate([data.input_ids[i] for i in idx], pad_id)
         word_index, word_mask, _ = collate_words([data.word_index[i] for i in idx])
         emissions = gather_words(model(ids.to(device), mask.to(device)).float(), word_index.to(device))  # (B, W, T)
-        tags = model.crf.decode(emissions, word_mask.to(device)) if model.crf is not None else emissions.argmax(-1)
+        tags = decode_tags(model.crf, emissions, word_mask.to(device))
         for row, i in enumerate(idx):
             preds[i] = tags[row, : len(data.word_index[i])].tolist()
     return preds

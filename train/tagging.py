@@ -197,6 +197,11 @@ def viterbi_decode(emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, 
     return torch.where(mask, tags, -torch.ones_like(tags))
 
 
+def decode_tags(crf: CRF | None, emissions: Tensor, mask: Tensor) -> Tensor:
+    """Tags (B, W), -1 on padding: the CRF's Viterbi path, or the argmax without a CRF."""
+    return crf.decode(emissions, mask) if crf is not None else torch.where(mask, emissions.argmax(-1), -1)
+
+
 class CRF(nn.Module):
     """A linear-chain CRF over word emissions: start, end and transition scores (T, T) [from, to]."""
 
