@@ -85,7 +85,8 @@ class Classifier:
         on_cuda = chosen[0] != "CPUExecutionProvider"
         if precision == "fp32" and on_cuda and (d / "model.prefix_op.onnx").is_file() and library.is_file():
             # the prefix graph with the PrefixAttention Triton kernel. The library registers the op for the CUDA provider
-            # only, and must stay out of CPU sessions: there its op shadows the node's function body and has no kernel.
+            # only (and nothing on a machine without a CUDA device); on a GPU machine it must stay out of CPU sessions:
+            # there its op would shadow the node's function body and have no kernel.
             opts.register_custom_ops_library(str(library))
             model = "model.prefix_op.onnx"
         self.graph = model

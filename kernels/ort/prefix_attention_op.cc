@@ -5,14 +5,16 @@
 // Triton kernel prefix_attn_fwd (kernels/prefix_attention.py, cubins from kernels/aot.py, embedded at build time)
 // on onnxruntime's compute stream, for float and float16, head dims 32 / 64 / 128, causal = 0.
 //
-// Loads on any machine: libcuda.so.1 is opened at the first Compute, never at load or registration, and every
-// failure becomes an OrtStatus error for onnxruntime. Cubin modules are loaded once per CUDA context (so per device),
-// found from the compute stream's context; the cubin is picked by the device's compute capability.
+// Loads on any machine: libcuda.so.1 is opened with dlopen (no link-time dependency), and every failure at Compute
+// becomes an OrtStatus error for onnxruntime. Cubin modules are loaded once per CUDA context (so per device), found
+// from the compute stream's context; the cubin is picked by the device's compute capability.
 //
-// The op is registered for CUDAExecutionProvider only. Do not register the library for a CPU-only session: its schema
-// then shadows the node's ONNX function body, and onnxruntime finds no CPU kernel (NOT_IMPLEMENTED); without the
-// library the body runs. EDGETUNE_ORT_PROVIDER=<provider> registers the op for another provider instead (the tests
-// use it to run Compute, and its errors, on a CPU).
+// The op is registered for CUDAExecutionProvider only, and only where there is a CUDA device: once registered, its
+// schema shadows the node's ONNX function body (onnxruntime 1.31 does not fall back to the body), so a session on a
+// provider without the kernel fails with NOT_IMPLEMENTED. On a machine with no NVIDIA driver or no device the library
+// therefore registers nothing and every session runs the body. On a GPU machine keep it out of CPU-only sessions (the
+// server does). EDGETUNE_ORT_PROVIDER=<provider> registers the op for that provider unconditionally (the tests use it
+// to run Compute, and its errors, on a CPU).
 
 #include <cuda.h>
 #include <dlfcn.h>
@@ -59,6 +61,7 @@ struct Driver {
   decltype(&::cuCtxPushCurrent) CtxPushCurrent;
   decltype(&::cuCtxPopCurrent) CtxPopCurrent;
   decltype(&::cuCtxGetDevice) CtxGetDevice;
+  decltype(&::cuDeviceGetCount) DeviceGetCount;
   decltype(&::cuDeviceGetAttribute) DeviceGetAttribute;
   decltype(&::cuModuleLoadData) ModuleLoadData;
   decltype(&::cuModuleGetFunction) ModuleGetFunction;
@@ -93,6 +96,7 @@ const Driver* LoadDriver(std::string* error) {
     sym(driver.CtxPushCurrent, ET_STR(cuCtxPushCurrent));
     sym(driver.CtxPopCurrent, ET_STR(cuCtxPopCurrent));
     sym(driver.CtxGetDevice, ET_STR(cuCtxGetDevice));
+    sym(driver.DeviceGetCount, ET_STR(cuDeviceGetCount));
     sym(driver.DeviceGetAttribute, ET_STR(cuDeviceGetAttribute));
     sym(driver.ModuleLoadData, ET_STR(cuModuleLoadData));
     sym(driver.ModuleGetFunction, ET_STR(cuModuleGetFunction));
@@ -302,6 +306,14 @@ struct PrefixAttentionOp : Ort::CustomOpBase<PrefixAttentionOp<T>, Kernel, true>
   const char* provider_;
 };
 
+// Whether this machine has a CUDA device the op could run on (the driver loads, initialises and counts one or more).
+bool HasCudaDevice() {
+  std::string error;
+  const Driver* d = LoadDriver(&error);
+  int count = 0;
+  return d != nullptr && d->DeviceGetCount(&count) == CUDA_SUCCESS && count > 0;
+}
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
@@ -310,6 +322,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   if (api == nullptr) return nullptr;  // onnxruntime older than these headers: no error to return; the body runs
   Ort::InitApi(api);
   const char* env = std::getenv("EDGETUNE_ORT_PROVIDER");
+  if (!(env && *env) && !HasCudaDevice()) return nullptr;  // nothing registered: the function body runs
   // the provider name, ops and domain are kept for the process: sessions made with these options refer to them
   const char* provider = strdup(env && *env ? env : "CUDAExecutionProvider");
   auto* op_float = new PrefixAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>(provider);
