@@ -109,11 +109,19 @@ def row(name: str, run_dir: Path) -> dict:
     }
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it (the report names no checkout's location)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def report(rows: list[dict], spec: Path) -> str:
     lines = [
         "# Method comparison",
         "",
-        f"Reproduce: `make compare` (budget: `{spec}`). Device: {rows[0]['device'] if rows else '-'}. "
+        f"Reproduce: `make compare` (budget: `{_shown(spec)}`). Device: {rows[0]['device'] if rows else '-'}. "
         "Latency: onnxruntime fp32 (CPU provider) vs the eager PyTorch adapter model in the same run, batch x 128 real "
         "tokens, p50; ratio = eager / onnxruntime. Parity: max |logit or emission diff| of the export gate.",
         "",
