@@ -148,10 +148,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for task, marker in (("intent (BANKING77)", "o"), ("NER (WNUT-16)", "s")):
         mine = [r for r in rows if r["task"] == task]
         axes[0].scatter([r["trainable_params"] for r in mine], [100 * r["test"] for r in mine], marker=marker, label=task)
-        for r in mine:
-            axes[0].annotate(
-                r["name"], (r["trainable_params"], 100 * r["test"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-            )
+        # labels alternate above and below their points, left to right, so neighbours at similar accuracy stay apart
+        for i, r in enumerate(sorted(mine, key=lambda r: r["trainable_params"])):
+            at = (r["trainable_params"], 100 * r["test"])
+            axes[0].annotate(r["name"], at, fontsize=7, xytext=(3, 3 if i % 2 == 0 else -9), textcoords="offset points")
     axes[0].set_xscale("log")
     axes[0].set_xlabel("trainable parameters (log)")
     axes[0].set_ylabel("test accuracy / entity F1 (%)")
