@@ -19,6 +19,8 @@ python3 -m train --run "$RUN" epochs=1 2>&1 | grep -v "batch/s" | tee "$OUT/trai
 python3 -m export --run "$RUN" --no-int8 2>&1 | tee "$OUT/export.log"
 if python3 -c "import pytest" 2>/dev/null; then  # the compiled Triton kernels (outputs, gradients) and the custom op
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_prefix_op.py 2>&1 | tail -40 | tee "$OUT/pytest_gpu.log" || true
+  # and the library-loading test, which on a GPU machine takes its "CUDA device present" branch
+  python3 -m pytest -q -p no:cacheprovider tests/test_prefix_op.py::test_library_loads_without_cuda 2>&1 | tail -5 | tee -a "$OUT/pytest_gpu.log" || true
 fi
 python3 -m kernels.bench --out "$OUT/kernels_bench.json" 2>&1 | tail -30 | tee "$OUT/kernels_bench.log" || true
 python3 -m bench.prefix_op "$RUN" "$OUT/prefix_op_bench.json" 2>&1 | tee "$OUT/prefix_op_bench.log"
