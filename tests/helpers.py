@@ -1,8 +1,17 @@
-"""Test helpers: inputs with padding, PEFT's own models on the same weights."""
+"""Test helpers: inputs with padding, PEFT's own models on the same weights, a real server process."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -81,3 +90,50 @@ def random_peft_adapter(base_dir: Path, peft_config, out_dir: Path, num_labels: 
                 p.normal_(0, 0.5 if "lora" in name else 1.0)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a GET, or of a POST when ``body`` is given; HTTP errors are returned, not raised."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@contextlib.contextmanager
+def serving(export_dir: Path, timeout_s: float = 60) -> Iterator[str]:
+    """``python -m serve`` on ``export_dir`` as a real process on a free port; yields its base URL once /health answers."""
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    cmd = [sys.executable, "-m", "serve", "--export", str(export_dir), "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read()}")
+            try:
+                if request(base + "/health")[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.3)
+        else:
+            pytest.fail(f"server did not come up in {timeout_s:.0f} s")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

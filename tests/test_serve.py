@@ -1,18 +1,15 @@
 """The server: no torch at serve time, and a real HTTP round trip against the real server process."""
 
 import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
 
 from export.eager import load_adapter_model
 from tests.conftest import ROOT
+from tests.helpers import request, serving
 
 
 def test_serving_never_imports_torch(exported):
@@ -32,48 +29,11 @@ def test_serving_never_imports_torch(exported):
     assert out.stdout.strip()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _request(url: str, body: bytes | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
 @pytest.fixture
 def server(exported):
     run = exported("minilm", "p_tuning_v2")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--export", str(run / "export"), "--port", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-        try:
-            if _request(base + "/health")[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not come up in 60 s")
-    yield base, run
-    proc.terminate()
-    proc.wait(timeout=20)
+    with serving(run / "export") as base:
+        yield base, run
 
 
 def test_http_round_trip_matches_eager_model(server):
@@ -87,7 +47,7 @@ def test_http_round_trip_matches_eager_model(server):
         "my card got declined",
         "cancel the transfer please",
     ]
-    status, body = _request(base + "/predict", json.dumps({"texts": texts, "top_k": 3}).encode())
+    status, body = request(base + "/predict", json.dumps({"texts": texts, "top_k": 3}).encode())
     assert status == 200
     preds = body["predictions"]
     assert len(preds) == len(texts) and all(len(p["top"]) == 3 for p in preds)
@@ -99,7 +59,7 @@ def test_http_round_trip_matches_eager_model(server):
     assert [p["label"] for p in preds] == [labels[i] for i in logits.argmax(-1).tolist()]
     probs = torch.softmax(logits.double(), -1).max(-1).values
     assert all(abs(p["score"] - float(q)) < 1e-4 for p, q in zip(preds, probs, strict=True))
-    status, ready = _request(base + "/ready")
+    status, ready = request(base + "/ready")
     assert status == 200 and ready["method"] == "p_tuning_v2" and ready["provider"] == "CPUExecutionProvider"
 
 
@@ -115,6 +75,6 @@ def test_http_round_trip_matches_eager_model(server):
 )
 def test_bad_requests_get_clear_400_and_server_stays_up(server, body, message):
     base, _ = server
-    status, reply = _request(base + "/predict", body)
+    status, reply = request(base + "/predict", body)
     assert status == 400 and message in reply["error"]
-    assert _request(base + "/health") == (200, {"status": "ok"})
+    assert request(base + "/health") == (200, {"status": "ok"})

@@ -13,7 +13,7 @@ from peft import LoraConfig, PrefixTuningConfig, TaskType
 from export.eager import load_adapter_model
 from serve.tags import spans, viterbi
 from tests.conftest import SMALL, train_small
-from tests.helpers import minilm_path, peft_model, random_peft_adapter
+from tests.helpers import minilm_path, peft_model, random_peft_adapter, request, serving
 from train.config import load_config
 from train.errors import ConfigError, DataError, ParityError
 from train.tagging import CRF, WNUT16_SPLIT_SEED, entity_metrics, load_tagging_dataset, read_conll
@@ -210,34 +210,13 @@ def test_token_cls_adapters_interchange_with_peft(tmp_path, tiny_bert, config):
 
 def test_tagger_over_http(minilm_tagger):
     """The real server process on a tagging export: words, tags and entities back; an empty text is a 400."""
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import ROOT
-    from tests.test_serve import _free_port, _request
-
-    port = _free_port()
-    cmd = [sys.executable, "-m", "serve", "--export", str(minilm_tagger / "export"), "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if _request(base + "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.3)
-        status, ready = _request(base + "/ready")
+    with serving(minilm_tagger / "export") as base:
+        status, ready = request(base + "/ready")
         assert status == 200 and ready["task"] == "token-classification"
-        status, body = _request(base + "/predict", json.dumps({"texts": ["Justin Bieber in New York", "ok"]}).encode())
+        status, body = request(base + "/predict", json.dumps({"texts": ["Justin Bieber in New York", "ok"]}).encode())
         assert status == 200
         first = body["predictions"][0]
         assert first["words"] == ["Justin", "Bieber", "in", "New", "York"] and len(first["tags"]) == 5
         assert all({"type", "text", "start_word", "end_word"} <= set(e) for e in first["entities"])
-        status, body = _request(base + "/predict", json.dumps({"texts": ["   "]}).encode())
+        status, body = request(base + "/predict", json.dumps({"texts": ["   "]}).encode())
         assert status == 400 and "no words" in body["error"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
