@@ -1,7 +1,9 @@
 """``python -m kernels.bench --out FILE.json``: the Triton prefix-attention kernel against its baselines, on a GPU.
 
 Attention alone (default: fp16, batch 32, 12 heads, sequence 128 with right padding, prefix 16, head dims 32 and 64),
-forward and forward+backward, CUDA-event median ms per call including launch gaps, and achieved TFLOP/s:
+forward and forward+backward, median ms per call two ways: launched one call at a time from Python (CUDA events,
+launch gaps included) and replayed from a CUDA graph of 20 calls (the GPU time alone: the kernel comparison); and
+achieved TFLOP/s (graph time):
   triton_prefix      kernels.op.prefix_attn: prefix and sequence read in one pass
   triton_launchers   the same kernels launched directly (kernels/prefix_attention.py), without the torch op around them
   sdpa_concat_mask   SDPA over concat(prefix, keys) with the extended (B, 1, 1, P+S) mask: the PEFT path (named baseline)
@@ -9,6 +11,8 @@ forward and forward+backward, CUDA-event median ms per call including launch gap
   sdpa_seq_nomask    SDPA over the sequence alone, no mask (no prefix): the launch floor
 Then one P-tuning v2 training step (forward, loss, backward, AdamW) of a MiniLM-shaped PrefixModel from train/ (random
 weights, bf16 autocast as train/loop.py, attention dropout on) with the kernel against the SDPA concat path.
+``--sweep`` adds the forward kernel's time (CUDA graph) for other (BLOCK_M, BLOCK_N, num_warps, num_stages) than
+`block_sizes` picks.
 """
 
 from __future__ import annotations
@@ -40,6 +44,32 @@ def median_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def graph_ms(fn: Callable[[], object], calls: int = 20, replays: int = 30) -> float:
+    """Median over `replays` of one CUDA-graph replay of `calls` captured calls of fn(), per call: GPU time without
+    Python's launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (compiles, allocator pools)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    return median_ms(graph.replay, 3, replays) / calls
+
+
+def _timings(fn: Callable[[], object], args: argparse.Namespace) -> tuple[float, float | str]:
+    """(eager-launch ms, graph ms or the capture's error)."""
+    eager = median_ms(fn, args.warmup, args.iters)
+    try:
+        return eager, graph_ms(fn)
+    except Exception as e:  # noqa: BLE001 - recorded in the report, the other rows still run
+        return eager, f"{type(e).__name__}: {e}"[:300]
 
 
 def _sdpa_concat(q, k, v, pk, pv, keep):
@@ -86,18 +116,43 @@ def bench_attention(args: argparse.Namespace, d: int) -> dict:
     for name, (fwd, fwd_bwd, keys) in attention_variants(b, n, s, p, d, DTYPES[args.dtype]).items():
         flops = 4 * b * n * s * keys * d  # two matmuls; the backward does 2.5x the forward's
         with torch.no_grad():
-            fwd_ms = median_ms(fwd, args.warmup, args.iters)
-        both_ms = median_ms(fwd_bwd, args.warmup, args.iters)
-        rows[name] = {
-            "fwd_ms": fwd_ms,
-            "fwd_bwd_ms": both_ms,
-            "fwd_tflops": flops / fwd_ms / 1e9,
-            "fwd_bwd_tflops": 3.5 * flops / both_ms / 1e9,
-        }
+            fwd_ms, fwd_graph = _timings(fwd, args)
+        both_ms, both_graph = _timings(fwd_bwd, args)
+        rows[name] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms, "fwd_graph_ms": fwd_graph, "fwd_bwd_graph_ms": both_graph}
+        if isinstance(fwd_graph, float):
+            rows[name]["fwd_tflops"] = flops / fwd_graph / 1e9
+        if isinstance(both_graph, float):
+            rows[name]["fwd_bwd_tflops"] = 3.5 * flops / both_graph / 1e9
     base = rows["sdpa_concat_mask"]
     for r in rows.values():
-        r["fwd_speedup_vs_concat"] = base["fwd_ms"] / r["fwd_ms"]
-        r["fwd_bwd_speedup_vs_concat"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        for key in ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms"):
+            if isinstance(r[key], float) and isinstance(base[key], float):
+                r[key.replace("_ms", "_speedup_vs_concat")] = base[key] / r[key]
+    return rows
+
+
+SWEEP = [(bm, bn, w, st) for bm, bn, w in ((32, 32, 2), (32, 32, 4), (64, 16, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8),
+                                           (128, 32, 4), (128, 32, 8), (128, 64, 8)) for st in (2, 3)]  # fmt: skip
+
+
+def sweep_forward(args: argparse.Namespace, d: int) -> dict:
+    """Forward graph ms of `prefix_attn_fwd` per (BLOCK_M, BLOCK_N, num_warps, num_stages) on the bench's shape."""
+    b, n, s, p = args.batch, args.heads, args.seq, args.prefix
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, n, s, d, device="cuda", dtype=DTYPES[args.dtype], generator=g) for _ in range(3))
+    pk, pv = (torch.randn(1, n, p, d, device="cuda", dtype=DTYPES[args.dtype], generator=g) for _ in range(2))
+    lengths = torch.randint(s // 2, s + 1, (b,), device="cuda", generator=g, dtype=torch.int32)
+    ref, _ = tk.forward(q, k, v, pk, pv, lengths, False, d**-0.5)
+    rows = {}
+    for cfg in SWEEP:
+        name = "bm{}_bn{}_w{}_s{}".format(*cfg)
+        try:
+            out, _ = tk.forward(q, k, v, pk, pv, lengths, False, d**-0.5, config=cfg)
+            err = (out.float() - ref.float()).abs().max().item()
+            rows[name] = {"fwd_graph_ms": graph_ms(lambda c=cfg: tk.forward(q, k, v, pk, pv, lengths, False, d**-0.5, config=c)),
+                          "max_abs_diff_vs_default": err}  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is recorded and skipped
+            rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return rows
 
 
@@ -152,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--no-train-step", action="store_true", help="skip the P-tuning v2 training-step comparison")
+    ap.add_argument("--sweep", action="store_true", help="also time the forward kernel's other block configurations")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False): run it on a GPU machine")
@@ -161,19 +217,39 @@ def main(argv: list[str] | None = None) -> None:
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "attention": {f"d{d}": bench_attention(args, d) for d in args.head_dims},
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))  # the attention rows survive a failing training step or sweep
     if not args.no_train_step:
         report["train_step"] = bench_training_step(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        report["sweep"] = {f"d{d}": sweep_forward(args, d) for d in args.head_dims}
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"{'head dim':>8} {'variant':>18} {'fwd ms':>8} {'fwd+bwd ms':>11} {'fwd TFLOP/s':>12} {'x concat (fwd, fwd+bwd)':>24}")
+    print(format_report(report))
+    print(f"wrote {args.out}")
+
+
+def format_report(report: dict) -> str:
+    """The attention rows (ms and speed-up over SDPA-over-concat, eager launch / CUDA graph), training step, sweep."""
+
+    def num(x, spec):
+        return format(x, spec) if isinstance(x, float) else "-".rjust(int(spec.split(".")[0]))
+
+    lines = [f"{'head dim':>8} {'variant':>18} {'fwd ms':>8} {'graph':>8} {'fwd+bwd':>8} {'graph':>8}   x concat: "
+             f"{'fwd':>5} {'graph':>5} {'f+b':>5} {'graph':>5}"]  # fmt: skip
     for d, rows in report["attention"].items():
         for name, r in rows.items():
-            print(f"{d:>8} {name:>18} {r['fwd_ms']:8.4f} {r['fwd_bwd_ms']:11.4f} {r['fwd_tflops']:12.2f} "
-                  f"{r['fwd_speedup_vs_concat']:11.2f} {r['fwd_bwd_speedup_vs_concat']:11.2f}")  # fmt: skip
+            ms = " ".join(num(r[k], "8.4f") for k in ("fwd_ms", "fwd_graph_ms", "fwd_bwd_ms", "fwd_bwd_graph_ms"))
+            x = " ".join(num(r.get(k), "5.2f") for k in ("fwd_speedup_vs_concat", "fwd_graph_speedup_vs_concat",
+                                                         "fwd_bwd_speedup_vs_concat", "fwd_bwd_graph_speedup_vs_concat"))  # fmt: skip
+            lines.append(f"{d:>8} {name:>18} {ms}             {x}")
     if "train_step" in report:
         t = report["train_step"]
-        print(f"train step ms: kernel {t['triton_prefix']['step_ms']:.3f}, SDPA concat {t['sdpa_concat_mask']['step_ms']:.3f}")
-    print(f"wrote {args.out}")
+        lines.append(f"train step ms: kernel {t['triton_prefix']['step_ms']:.3f}, SDPA concat {t['sdpa_concat_mask']['step_ms']:.3f} "
+                     f"({t['speedup_vs_concat']:.2f}x)")  # fmt: skip
+    for d, rows in report.get("sweep", {}).items():
+        ok = sorted((r["fwd_graph_ms"], name) for name, r in rows.items() if "fwd_graph_ms" in r)
+        lines.append(f"sweep {d}: " + ", ".join(f"{name} {ms:.4f}" for ms, name in ok[:5]))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -414,16 +414,18 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, lengths: torch.Tensor,
-            causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+            causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0,
+            config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the forward. q (B, N, S, D), k/v (B, Nkv, S, D), pk/pv (1 or B, Nkv, P, D), lengths int32 (B,); with
-    dropout_p > 0 the attention weights are dropped from the Philox stream `seed` (int32).
+    dropout_p > 0 the attention weights are dropped from the Philox stream `seed` (int32). config: (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) in place of `block_sizes` (kernels/bench.py's sweep).
 
     Returns out (B, N, S, D) (a transposed view of (B, S, N, D) memory) and lse float32 (B, N, S).
     """
     b, n, s, d = q.shape
     out = torch.empty(b, s, n, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, N, S, D)
     lse = torch.empty(b, n, s, dtype=torch.float32, device=q.device)
-    block_m, block_n, num_warps, num_stages = block_sizes(q.dtype, d)
+    block_m, block_n, num_warps, num_stages = config or block_sizes(q.dtype, d)
     args = (q, k, v, pk, pv, lengths, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(out),
             n, n // k.shape[1], s, pk.shape[2], scale)  # fmt: skip
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, num_warps=num_warps, num_stages=num_stages)
