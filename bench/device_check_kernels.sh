@@ -15,11 +15,23 @@
 #   serve          the server on the CUDA provider with the export: /ready names the graph it chose, one /predict
 # Every stage has its own time limit and runs whatever the others did; $OUT gets stages.txt (stage, exit status,
 # seconds), logs.txt (every stage's output), kernels_bench.json, prefix_op_bench.json, manifest.json.
+#
+# PART=triton: the Triton kernels alone (kernel_tests, then kernels_bench with a wider training-step comparison; with
+# SWEEP=1 SWEEP_SHARDS="0 1 2 3" the block sweep too, with PROFILE=1 a profile of one training step), in one call with
+# nothing carried but the transformers and peft wheels in /tmp/o/assets/whl: torch and triton are the image's own.
 set -uo pipefail
-LIB=$PWD/build/kernels/libedgetune_ort.so
-[ -f "$LIB" ] || { echo "missing $LIB: run 'make kernels' on a CPU machine and carry build/kernels" >&2; exit 2; }
-source bench/device_setup.sh
-export EDGETUNE_KERNELS="$LIB"
+PART=${PART:-all}
+if [ "$PART" = triton ]; then
+  OUT=${OUT:-/tmp/out}
+  mkdir -p /tmp/site "$OUT"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/o/assets/whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+else
+  LIB=$PWD/build/kernels/libedgetune_ort.so
+  [ -f "$LIB" ] || { echo "missing $LIB: run 'make kernels' on a CPU machine and carry build/kernels" >&2; exit 2; }
+  source bench/device_setup.sh
+  export EDGETUNE_KERNELS="$LIB"
+fi
 export OUT LOGS=/tmp/logs RUN=/tmp/runs/prefix_op
 mkdir -p "$LOGS"
 
@@ -33,8 +45,22 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $LOGS/NAME
 }
 
 { nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader
-  python3 -c "import onnxruntime as o, torch, triton; o.preload_dlls(); print('ort', o.__version__, o.get_available_providers(), 'torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  [ "$PART" = triton ] || python3 -c "import onnxruntime as o; o.preload_dlls(); print('ort', o.__version__, o.get_available_providers())"
 } 2>&1 | tee "$OUT/logs.txt"
+
+PYTEST="python3 -m pytest -q -p no:cacheprovider -o addopts="
+if [ "$PART" = triton ]; then
+  stage kernel_tests 200 $PYTEST -n 8 -m gpu tests/test_kernels.py &
+  for i in ${SWEEP_SHARDS:-0}; do  # SWEEP_SHARDS="0 1 2 3": compile the sweep in 4 processes (triton's disk cache)
+    stage "warm$i" 150 python3 -m kernels.bench --out "/tmp/warm$i.json" --warmup 1 --iters 2 ${SWEEP:+--sweep} \
+      --sweep-shard "$i/$(wc -w <<<"${SWEEP_SHARDS:-0}")" --train-batches 32 128 &
+  done
+  wait
+  stage kernels_bench 150 python3 -m kernels.bench ${SWEEP:+--sweep} --train-batches 32 128 --out "$OUT/kernels_bench.json"
+  [ -z "${PROFILE:-}" ] || stage profile 60 python3 -m kernels.bench --profile-step --out /tmp/profile.json
+  exit 0
+fi
 
 train_export() {
   set -o pipefail
@@ -42,7 +68,6 @@ train_export() {
     cp "$RUN/export/manifest.json" "$OUT/"
 }
 export -f train_export  # run by `timeout` through bash -c
-PYTEST="python3 -m pytest -q -p no:cacheprovider -o addopts="
 stage kernel_tests 220 $PYTEST -n 8 -m gpu tests/test_kernels.py &
 stage op_tests 220 $PYTEST tests/test_prefix_op.py -k "cuda_prefix_op or library_loads_without_cuda" &
 stage train_export 220 bash -c train_export &

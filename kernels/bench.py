@@ -4,20 +4,22 @@ Attention alone (default: fp16, batch 32, 12 heads, sequence 128 with right padd
 forward and forward+backward, median ms per call two ways: launched one call at a time from Python (CUDA events,
 launch gaps included) and replayed from a CUDA graph of 20 calls (the GPU time alone: the kernel comparison); and
 achieved TFLOP/s (graph time):
-  triton_prefix      kernels.op.prefix_attn: prefix and sequence read in one pass
+  triton_prefix      kernels.op.prefix_attn (the torch custom op): prefix and sequence read in one pass
   triton_launchers   the same kernels launched directly (kernels/prefix_attention.py), without the torch op around them
   sdpa_concat_mask   SDPA over concat(prefix, keys) with the extended (B, 1, 1, P+S) mask: the PEFT path (named baseline)
   sdpa_seq_mask      SDPA over the sequence alone with its padding mask (no prefix)
   sdpa_seq_nomask    SDPA over the sequence alone, no mask (no prefix): the launch floor
 Then one P-tuning v2 training step (forward, loss, backward, AdamW) of a MiniLM-shaped PrefixModel from train/ (random
-weights, bf16 autocast as train/loop.py, attention dropout on) with the kernel against the SDPA concat path.
-``--sweep`` adds the forward kernel's time (CUDA graph) for other (BLOCK_M, BLOCK_N, num_warps, num_stages) than
-`block_sizes` picks.
+weights, bf16 autocast as train/loop.py) with the kernel against the SDPA concat path, with attention dropout (as in
+training) and without, launched from Python and replayed from a CUDA graph, at each of --train-batches x sequence.
+``--sweep`` adds the forward kernel's time (CUDA graph) for other (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_P)
+than `forward_config` picks; ``--profile-step`` prints torch.profiler's tables of the training step instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -63,11 +65,11 @@ def graph_ms(fn: Callable[[], object], calls: int = 20, replays: int = 30) -> fl
     return median_ms(graph.replay, 3, replays) / calls
 
 
-def _timings(fn: Callable[[], object], args: argparse.Namespace) -> tuple[float, float | str]:
+def _timings(fn: Callable[[], object], args: argparse.Namespace, calls: int = 20) -> tuple[float, float | str]:
     """(eager-launch ms, graph ms or the capture's error)."""
     eager = median_ms(fn, args.warmup, args.iters)
     try:
-        return eager, graph_ms(fn)
+        return eager, graph_ms(fn, calls)
     except Exception as e:  # noqa: BLE001 - recorded in the report, the other rows still run
         return eager, f"{type(e).__name__}: {e}"[:300]
 
@@ -131,12 +133,13 @@ def bench_attention(args: argparse.Namespace, d: int) -> dict:
     return rows
 
 
-SWEEP = [(bm, bn, w, st) for bm, bn, w in ((32, 32, 2), (32, 32, 4), (64, 16, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8),
-                                           (128, 32, 4), (128, 32, 8), (128, 64, 8)) for st in (2, 3)]  # fmt: skip
+SWEEP = [(bm, bn, w, st, bp) for bm, bn, w in ((32, 32, 4), (64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 32, 8),
+                                               (128, 64, 8)) for st in (2, 3) for bp in sorted({16, bn})]  # fmt: skip
 
 
 def sweep_forward(args: argparse.Namespace, d: int) -> dict:
-    """Forward graph ms of `prefix_attn_fwd` per (BLOCK_M, BLOCK_N, num_warps, num_stages) on the bench's shape."""
+    """Forward graph ms of `prefix_attn_fwd` per (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_P) on the bench's
+    shape; --sweep-shard I/N takes every N-th configuration from the I-th (to compile them in parallel processes)."""
     b, n, s, p = args.batch, args.heads, args.seq, args.prefix
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, n, s, d, device="cuda", dtype=DTYPES[args.dtype], generator=g) for _ in range(3))
@@ -144,25 +147,33 @@ def sweep_forward(args: argparse.Namespace, d: int) -> dict:
     lengths = torch.randint(s // 2, s + 1, (b,), device="cuda", generator=g, dtype=torch.int32)
     ref, _ = tk.forward(q, k, v, pk, pv, lengths, False, d**-0.5)
     rows = {}
-    for cfg in SWEEP:
-        name = "bm{}_bn{}_w{}_s{}".format(*cfg)
+    shard, shards = map(int, args.sweep_shard.split("/"))
+    for cfg in SWEEP[shard::shards]:
+        name = "bm{}_bn{}_w{}_s{}_bp{}".format(*cfg)
         try:
-            out, _ = tk.forward(q, k, v, pk, pv, lengths, False, d**-0.5, config=cfg)
-            err = (out.float() - ref.float()).abs().max().item()
-            rows[name] = {"fwd_graph_ms": graph_ms(lambda c=cfg: tk.forward(q, k, v, pk, pv, lengths, False, d**-0.5, config=c)),
-                          "max_abs_diff_vs_default": err}  # fmt: skip
+            fn = functools.partial(tk.forward, q, k, v, pk, pv, lengths, False, d**-0.5, config=cfg[:4], block_p=cfg[4])
+            err = (fn()[0].float() - ref.float()).abs().max().item()
+            rows[name] = {"fwd_graph_ms": graph_ms(fn), "max_abs_diff_vs_default": err}
         except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is recorded and skipped
             rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return rows
 
 
-def bench_training_step(args: argparse.Namespace) -> dict:
-    """ms per P-tuning v2 optimiser step of a MiniLM-shaped classifier (6 layers, hidden 384, 12 heads, D 32)."""
-    from transformers import AttentionInterface, BertConfig, BertForSequenceClassification
+def attention_functions() -> tuple[tuple[str, Callable], ...]:
+    """The training step's attention functions by name: the kernel, and SDPA over the concatenation (PEFT's way)."""
+    from train.prefix import prefix_attention, sdpa_concat_attention
 
-    from train.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, prefix_attention, register_attention, sdpa_concat_attention
+    return ("triton_prefix", prefix_attention), ("sdpa_concat_mask", sdpa_concat_attention)
 
-    register_attention()
+
+def training_step(args: argparse.Namespace, batch: int) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """(model, step): one P-tuning v2 optimiser step of a MiniLM-shaped classifier (6 layers, hidden 384, 12 heads,
+    D 32) on a seeded, right-padded batch x args.seq; the attention is whatever function is registered under
+    train.prefix.ATTN_SDPA. CUDA-graph safe: capturable AdamW, no autocast weight cache."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from train.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel
+
     cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, num_labels=77,
                      max_position_embeddings=512, attn_implementation=ATTN_SDPA)  # fmt: skip
     torch.manual_seed(0)
@@ -171,28 +182,71 @@ def bench_training_step(args: argparse.Namespace) -> dict:
         prm.requires_grad_(False)
     prefix = PrefixEncoder(args.prefix, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size).cuda()
     model = PrefixModel(base, prefix, cfg.num_attention_heads)
-    opt = torch.optim.AdamW([prm for prm in model.parameters() if prm.requires_grad], lr=1e-3)
-    ids = torch.randint(1000, cfg.vocab_size, (args.batch, args.seq), device="cuda")
+    opt = torch.optim.AdamW([prm for prm in model.parameters() if prm.requires_grad], lr=1e-3, capturable=True)
+    ids = torch.randint(1000, cfg.vocab_size, (batch, args.seq), device="cuda")
     mask = (
-        torch.arange(args.seq, device="cuda")[None, :]
-        < torch.randint(args.seq // 2, args.seq + 1, (args.batch, 1), device="cuda")
+        torch.arange(args.seq, device="cuda")[None, :] < torch.randint(args.seq // 2, args.seq + 1, (batch, 1), device="cuda")
     ).long()
-    labels = torch.randint(0, cfg.num_labels, (args.batch,), device="cuda")
+    labels = torch.randint(0, cfg.num_labels, (batch,), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             loss = F.cross_entropy(model(ids, mask), labels)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    result = {}
-    for name, fn in (("triton_prefix", prefix_attention), ("sdpa_concat_mask", sdpa_concat_attention)):
-        AttentionInterface.register(ATTN_SDPA, fn)
-        result[name] = {"step_ms": median_ms(step, args.warmup, args.iters)}
+    return model, step
+
+
+def bench_training_step(args: argparse.Namespace, batch: int) -> dict:
+    """ms per training step (`training_step`) with each of `attention_functions`, with attention (and hidden) dropout
+    as in training and without (eval mode), launched from Python and replayed from a CUDA graph (GPU time: the kernel's
+    dropout seed is then fixed at capture). Interleaved rounds, the faster of two kept."""
+    from transformers import AttentionInterface
+
+    from train.prefix import ATTN_SDPA, register_attention
+
+    register_attention()
+    model, step = training_step(args, batch)
+    result = {"batch": batch, "seq": args.seq}
+    for _ in range(2):
+        for dropout in (True, False):
+            model.train(dropout)
+            for name, fn in attention_functions():
+                AttentionInterface.register(ATTN_SDPA, fn)
+                row = result.setdefault(f"{name}{'' if dropout else '_no_dropout'}", {})
+                for key, ms in zip(("step_ms", "graph_step_ms"), _timings(step, args, calls=3), strict=True):
+                    row[key] = min(ms, row[key]) if isinstance(ms, float) and isinstance(row.get(key), float) else ms
     register_attention()  # back to train/prefix.py's function
-    result["speedup_vs_concat"] = result["sdpa_concat_mask"]["step_ms"] / result["triton_prefix"]["step_ms"]
+    model.train()
+    for suffix in ("", "_no_dropout"):
+        kernel, concat = result[f"triton_prefix{suffix}"], result[f"sdpa_concat_mask{suffix}"]
+        for key in ("step_ms", "graph_step_ms"):
+            if isinstance(kernel[key], float) and isinstance(concat[key], float):
+                kernel[key.replace("_ms", "_speedup_vs_concat")] = concat[key] / kernel[key]
     return result
+
+
+def profile_training_step(args: argparse.Namespace) -> None:
+    """Print torch.profiler's busiest ops (self CPU time) over 3 training steps per attention function."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AttentionInterface
+
+    from train.prefix import ATTN_SDPA, register_attention
+
+    register_attention()
+    _, step = training_step(args, args.train_batches[0])
+    for name, fn in attention_functions():
+        AttentionInterface.register(ATTN_SDPA, fn)
+        for _ in range(5):
+            step()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(f"== {name}: 3 steps\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    register_attention()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,11 +260,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--train-batches", type=int, nargs="+", default=[32], help="batch sizes of the training-step comparison")
     ap.add_argument("--no-train-step", action="store_true", help="skip the P-tuning v2 training-step comparison")
     ap.add_argument("--sweep", action="store_true", help="also time the forward kernel's other block configurations")
+    ap.add_argument("--sweep-shard", default="0/1", help="I/N: sweep every N-th configuration from the I-th")
+    ap.add_argument("--profile-step", action="store_true", help="only profile the training step (torch.profiler tables)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False): run it on a GPU machine")
+    if args.profile_step:
+        profile_training_step(args)
+        return
     report = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -220,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))  # the attention rows survive a failing training step or sweep
     if not args.no_train_step:
-        report["train_step"] = bench_training_step(args)
+        report["train_step"] = [bench_training_step(args, batch) for batch in args.train_batches]
     if args.sweep:
         report["sweep"] = {f"d{d}": sweep_forward(args, d) for d in args.head_dims}
     args.out.write_text(json.dumps(report, indent=2))
@@ -232,7 +292,7 @@ def format_report(report: dict) -> str:
     """The attention rows (ms and speed-up over SDPA-over-concat, eager launch / CUDA graph), training step, sweep."""
 
     def num(x, spec):
-        return format(x, spec) if isinstance(x, float) else "-".rjust(int(spec.split(".")[0]))
+        return format(x, spec) if isinstance(x, float) else "-".rjust(int(spec.split(".")[0] or 1))
 
     lines = [f"{'head dim':>8} {'variant':>18} {'fwd ms':>8} {'graph':>8} {'fwd+bwd':>8} {'graph':>8}   x concat: "
              f"{'fwd':>5} {'graph':>5} {'f+b':>5} {'graph':>5}"]  # fmt: skip
@@ -242,10 +302,13 @@ def format_report(report: dict) -> str:
             x = " ".join(num(r.get(k), "5.2f") for k in ("fwd_speedup_vs_concat", "fwd_graph_speedup_vs_concat",
                                                          "fwd_bwd_speedup_vs_concat", "fwd_bwd_graph_speedup_vs_concat"))  # fmt: skip
             lines.append(f"{d:>8} {name:>18} {ms}             {x}")
-    if "train_step" in report:
-        t = report["train_step"]
-        lines.append(f"train step ms: kernel {t['triton_prefix']['step_ms']:.3f}, SDPA concat {t['sdpa_concat_mask']['step_ms']:.3f} "
-                     f"({t['speedup_vs_concat']:.2f}x)")  # fmt: skip
+    for t in report.get("train_step", []):
+        for suffix in ("", "_no_dropout"):
+            k, c = t[f"triton_prefix{suffix}"], t[f"sdpa_concat_mask{suffix}"]
+            lines.append(f"train step {t['batch']} x {t['seq']} ({'no ' if suffix else ''}dropout), ms, eager / CUDA graph: kernel "
+                         f"{num(k['step_ms'], '.3f')} / {num(k['graph_step_ms'], '.3f')}, SDPA concat {num(c['step_ms'], '.3f')} / "
+                         f"{num(c['graph_step_ms'], '.3f')}; x concat {num(k.get('step_speedup_vs_concat'), '.2f')} / "
+                         f"{num(k.get('graph_step_speedup_vs_concat'), '.2f')}")  # fmt: skip
     for d, rows in report.get("sweep", {}).items():
         ok = sorted((r["fwd_graph_ms"], name) for name, r in rows.items() if "fwd_graph_ms" in r)
         lines.append(f"sweep {d}: " + ", ".join(f"{name} {ms:.4f}" for ms, name in ok[:5]))

@@ -75,7 +75,7 @@ def _fwd_body(
     stride_ob, stride_oh, stride_os,
     num_heads, kv_group, seq_len, prefix_len, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    dropout_p, seed, DROPOUT: tl.constexpr,
+    dropout_p, seed, DROPOUT: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -95,7 +95,7 @@ def _fwd_body(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, m_i, l_i = _attend_block_range(q, acc, m_i, l_i, PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh,
                                         stride_pks, stride_pvs, prefix_len, offs_m, qk_scale, rng_rows, 0, prefix_len + seq_len,
-                                        dropout_p, seed, HEAD_DIM, BLOCK_N, False, DROPOUT)  # fmt: skip
+                                        dropout_p, seed, HEAD_DIM, BLOCK_P, False, DROPOUT)  # fmt: skip
     end = tl.minimum(tl.load(Lens + b), seq_len)
     if CAUSAL:
         end = tl.minimum(end, (pid_m + 1) * BLOCK_M)
@@ -121,7 +121,7 @@ def prefix_attn_fwd(
     stride_pvb, stride_pvh, stride_pvs,
     stride_ob, stride_oh, stride_os,
     num_heads, kv_group, seq_len, prefix_len, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """Forward: Out = softmax(scale * Q [PK; K]^T + mask) [PV; V], and Lse = the row log-sum-exp (natural log).
 
@@ -134,8 +134,8 @@ def prefix_attn_fwd(
       stride_qb, stride_qh, stride_qs, stride_kb, ..., stride_ob, stride_oh, stride_os: int32, 3 per tensor, in the
         order Q, K, V, PK, PV, Out.
       num_heads (N), kv_group (N // Nkv), seq_len (S), prefix_len (P): int32. scale: fp32 (usually D ** -0.5).
-      HEAD_DIM (D: 32, 64 or 128), BLOCK_M, BLOCK_N (16 or more, powers of 2), CAUSAL (query i sees sequence keys
-        j <= i): tl.constexpr.
+      HEAD_DIM (D: 32, 64 or 128), BLOCK_M, BLOCK_N, BLOCK_P (query rows per program, sequence and prefix keys per
+        step: 16 or more, powers of 2), CAUSAL (query i sees sequence keys j <= i): tl.constexpr.
     Grid: (cdiv(S, BLOCK_M), B * N, 1); program (i, b * N + h) computes query rows i*BLOCK_M .. of head h of row b.
     `forward_signature` gives the dicts `triton.compile(ASTSource(...))` needs; `forward_grid` the grid.
     Compiled by triton 3.7, the kernel also takes two trailing pointer parameters (global and profile scratch) that
@@ -143,7 +143,7 @@ def prefix_attn_fwd(
     """
     _fwd_body(Q, K, V, PK, PV, Lens, Out, Lse, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
               stride_vs, stride_pkb, stride_pkh, stride_pks, stride_pvb, stride_pvh, stride_pvs, stride_ob, stride_oh, stride_os,
-              num_heads, kv_group, seq_len, prefix_len, scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, 0.0, 0, False)  # fmt: skip
+              num_heads, kv_group, seq_len, prefix_len, scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, 0.0, 0, False, BLOCK_P)  # fmt: skip
 
 
 @triton.jit
@@ -156,14 +156,15 @@ def prefix_attn_fwd_dropout(
     stride_pvb, stride_pvh, stride_pvs,
     stride_ob, stride_oh, stride_os,
     num_heads, kv_group, seq_len, prefix_len, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_P: tl.constexpr,
     dropout_p, seed,
 ):  # fmt: skip
     """The training forward: `prefix_attn_fwd` with dropout on the attention weights (each dropped with probability
     dropout_p, fp32, from the Philox stream int32 `seed`, see `_dropout_keep`); the backward replays the same draws."""
     _fwd_body(Q, K, V, PK, PV, Lens, Out, Lse, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
               stride_vs, stride_pkb, stride_pkh, stride_pks, stride_pvb, stride_pvh, stride_pvs, stride_ob, stride_oh, stride_os,
-              num_heads, kv_group, seq_len, prefix_len, scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, dropout_p, seed, True)  # fmt: skip
+              num_heads, kv_group, seq_len, prefix_len, scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, dropout_p, seed, True,
+              BLOCK_P)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,6 +197,19 @@ def block_sizes(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
     return 64, 64, 4, 2
 
 
+def forward_config(dtype: torch.dtype, head_dim: int, prefix_len: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_P) of the JIT forward: `block_sizes`, with prefix keys in steps
+    of 16 when there are at most 16 of them, and for fp16/bf16 at head dims 32 and 64 the configurations that
+    kernels/bench.py's sweep found fastest on an H200 (batch 32 x 12 heads x 128 tokens, prefix 16: 0.0081 and 0.0114
+    ms against 0.0097 and 0.0130 with `block_sizes`; docs/BENCHMARKS.md). The AOT cubins keep `block_sizes`."""
+    block_m, block_n, num_warps, num_stages = block_sizes(dtype, head_dim)
+    if dtype != torch.float32 and head_dim == 32:
+        block_m, block_n, num_warps, num_stages = 128, 32, 4, 2
+    elif dtype != torch.float32 and head_dim == 64:
+        num_stages = 3
+    return block_m, block_n, num_warps, num_stages, (16 if prefix_len <= 16 else block_n)
+
+
 def forward_signature(dtype: torch.dtype, head_dim: int, causal: bool = False, aligned: bool = True) -> AotSpec:
     """The compile description of `prefix_attn_fwd` for one (dtype, head_dim, causal) variant.
 
@@ -211,7 +225,7 @@ def forward_signature(dtype: torch.dtype, head_dim: int, causal: bool = False, a
     signature = {p: ptr_ty.get(p, f"*{ty}") for p in _POINTERS}
     signature |= {s: "i32" for s in (*_STRIDES, *_SIZES)}
     signature["scale"] = "fp32"
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "CAUSAL": causal}
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "CAUSAL": causal, "BLOCK_P": block_n}
     signature |= {c: "constexpr" for c in constexprs}
     assert list(signature) == prefix_attn_fwd.arg_names
     hinted = (*_POINTERS, *_STRIDES) if aligned else ()
@@ -415,20 +429,24 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, lengths: torch.Tensor,
             causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0,
-            config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+            config: tuple[int, int, int, int] | None = None, block_p: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the forward. q (B, N, S, D), k/v (B, Nkv, S, D), pk/pv (1 or B, Nkv, P, D), lengths int32 (B,); with
     dropout_p > 0 the attention weights are dropped from the Philox stream `seed` (int32). config: (BLOCK_M, BLOCK_N,
-    num_warps, num_stages) in place of `block_sizes` (kernels/bench.py's sweep).
+    num_warps, num_stages) and block_p (prefix keys per step) in place of `forward_config`'s (kernels/bench.py's sweep).
 
     Returns out (B, N, S, D) (a transposed view of (B, S, N, D) memory) and lse float32 (B, N, S).
     """
     b, n, s, d = q.shape
     out = torch.empty(b, s, n, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, N, S, D)
     lse = torch.empty(b, n, s, dtype=torch.float32, device=q.device)
-    block_m, block_n, num_warps, num_stages = config or block_sizes(q.dtype, d)
+    block_m, block_n, num_warps, num_stages, default_p = forward_config(q.dtype, d, pk.shape[2])
+    if config is not None:
+        block_m, block_n, num_warps, num_stages = config
     args = (q, k, v, pk, pv, lengths, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(out),
             n, n // k.shape[1], s, pk.shape[2], scale)  # fmt: skip
-    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, num_warps=num_warps, num_stages=num_stages)
+    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p or default_p, CAUSAL=causal, num_warps=num_warps,
+                num_stages=num_stages)  # fmt: skip
     grid = forward_grid(b, n, s, block_m)
     if dropout_p > 0.0:
         prefix_attn_fwd_dropout[grid](*args, dropout_p=dropout_p, seed=seed, **meta)

@@ -271,6 +271,41 @@ def test_forward_compiles_ahead_of_time_for_sm90():
     assert kernel.asm["cubin"] and kernel.name == "prefix_attn_fwd"
 
 
+def test_training_kernels_compile_for_sm90():
+    """The interpreter does not type-check like the compiler: compile the training kernels (dropout forward, the
+    three backward kernels) for sm_90 with the JIT's block sizes, as a GPU would (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.prefix_attention import (
+        block_sizes,
+        forward_config,
+        prefix_attn_bwd_delta,
+        prefix_attn_bwd_dkv,
+        prefix_attn_bwd_dq,
+        prefix_attn_fwd_dropout,
+    )
+
+    fp32_pointers = {"Lse", "Delta", "DPK", "DPV"}
+    bm, bn, warps, stages, bp = forward_config(torch.bfloat16, 64, 16)
+    jobs = [(prefix_attn_fwd_dropout, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, BLOCK_P=bp), (warps, stages))]
+    bm, bn, warps, stages = block_sizes(torch.bfloat16, 64)
+    jobs += [(prefix_attn_bwd_delta, dict(HEAD_DIM=64, BLOCK_M=bm), (warps, stages))]
+    jobs += [(fn, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, DROPOUT=True), (warps, stages))
+             for fn in (prefix_attn_bwd_dkv, prefix_attn_bwd_dq)]  # fmt: skip
+    for fn, constexprs, (warps, stages) in jobs:
+        signature = {
+            a: "constexpr" if a in constexprs
+            else "*i32" if a == "Lens" else "*fp32" if a in fp32_pointers else "*bf16" if a[0].isupper()
+            else "fp32" if a in ("scale", "dropout_p") else "i32"
+            for a in fn.arg_names
+        }  # fmt: skip
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, {}), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+        assert kernel.asm["cubin"] and kernel.metadata.shared < 228 * 1024, fn.__name__
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: the same cases compiled, plus fp16/bf16 everywhere and BERT-sized shapes
 # ---------------------------------------------------------------------------------------------------------------

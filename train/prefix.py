@@ -66,8 +66,10 @@ class FrozenPrefix(nn.Module):
         return [(getattr(self, f"key_{i}"), getattr(self, f"value_{i}")) for i in range(self.num_layers)]
 
 
-def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **_):
-    """Attention with the layer's prefix prepended; ``prefix_kv`` arrives as a keyword from PrefixModel.forward.
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, prefix_lengths=None,
+                     **_):  # fmt: skip
+    """Attention with the layer's prefix prepended; ``prefix_kv`` (and ``prefix_lengths``, the (B,) int32 count of
+    real tokens, computed once for all layers) arrive as keywords from PrefixModel.forward.
 
     query/key/value: (B, N, S, D); attention_mask: bool (B, 1, 1, P+S), True = attend. Returns (B, S, N, D).
     """
@@ -75,7 +77,9 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
         from kernels.op import prefix_attn
 
         pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)
-        lengths = None if attention_mask is None else attention_mask[:, 0, 0, pk.shape[2] :].sum(-1)  # (B,), right padding
+        lengths = prefix_lengths
+        if lengths is None and attention_mask is not None:  # (B,), right padding
+            lengths = attention_mask[:, 0, 0, pk.shape[2] :].sum(-1, dtype=torch.int32)
         out = prefix_attn(query, key, value, pk, pv, lengths, scale=scaling, dropout_p=dropout)  # (B, N, S, D)
         return out.transpose(1, 2).contiguous(), None  # (B, S, N, D)
     return sdpa_concat_attention(module, query, key, value, attention_mask, scaling, dropout, prefix_kv)
@@ -136,6 +140,8 @@ class PrefixModel(nn.Module):
             kv = self.prefix.kv()
             p, s = kv[0][0].shape[2], input_ids.shape[1]
             kw["prefix_kv"] = kv
+            if input_ids.is_cuda:  # the kernel's key padding, (B,), once for all layers
+                kw["prefix_lengths"] = attention_mask.sum(-1, dtype=torch.int32)
             kw["position_ids"] = torch.arange(p, p + s, device=input_ids.device).unsqueeze(0)  # (1, S)
             keep = _with_virtual(keep, p)
         if self.prompt is not None:
