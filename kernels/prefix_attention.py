@@ -201,7 +201,7 @@ def forward_config(dtype: torch.dtype, head_dim: int, prefix_len: int) -> tuple[
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_P) of the JIT forward: `block_sizes`, with prefix keys in steps
     of 16 when there are at most 16 of them, and for fp16/bf16 at head dims 32 and 64 the configurations that
     kernels/bench.py's sweep found fastest on an H200 (batch 32 x 12 heads x 128 tokens, prefix 16: 0.0081 and 0.0114
-    ms against 0.0097 and 0.0130 with `block_sizes`; docs/BENCHMARKS.md). The AOT cubins keep `block_sizes`."""
+    ms against 0.0099 and 0.0130 with `block_sizes`; docs/BENCHMARKS.md). The AOT cubins keep `block_sizes`."""
     block_m, block_n, num_warps, num_stages = block_sizes(dtype, head_dim)
     if dtype != torch.float32 and head_dim == 32:
         block_m, block_n, num_warps, num_stages = 128, 32, 4, 2
