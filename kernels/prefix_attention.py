@@ -25,17 +25,38 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _dropout_keep(seed, rows, cols, num_cols, dropout_p):
-    """Which attention weights survive dropout: a Philox draw per (global query row, key column of P+S) >= dropout_p.
-    rows: (b * N + h) * S + i; cols: 0 .. P-1 for the prefix, P + j for sequence key j. Offsets are int32 (they wrap
-    past 2**31 weights, which only repeats random numbers)."""
-    return tl.rand(seed, (rows * num_cols + cols).to(tl.int32)) >= dropout_p
+def _dropout_keep_t(seed, bh, row0, cols, seq_len, num_cols, dropout_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Which attention weights survive dropout, keys-major: (BLOCK_C, BLOCK_R) for key columns `cols` (0 .. P-1 the
+    prefix, P + j sequence key j; num_cols = P + S) and query rows row0 .. row0 + BLOCK_R - 1 (row0 a multiple of 8)
+    of head bh = b * N + h.
+
+    One Philox call (`tl.randint4x`) gives four 32-bit words, eight 16-bit draws: those of query rows 8g .. 8g+7 of
+    one column, counter (bh * cdiv(S, 8) + g) * num_cols + column (int32; wrapping past 2**31 only repeats draws).
+    Row 8g + j takes half j % 2 of word j // 2; a weight is kept when its draw >= round(dropout_p * 65536), so the
+    drop probability is dropout_p to within 2**-17. Eight times fewer Philox rounds than a draw per weight.
+    """
+    groups = row0 // 8 + tl.arange(0, BLOCK_R // 8)
+    counter = (bh * tl.cdiv(seq_len, 8) + groups)[None, :] * num_cols + cols[:, None]  # (BLOCK_C, BLOCK_R // 8)
+    w0, w1, w2, w3 = tl.randint4x(seed, counter.to(tl.int32))
+    lo, hi = 0xFFFF, 16
+    draws = tl.join(
+        tl.join(tl.join(w0 & lo, w2 & lo), tl.join(w1 & lo, w3 & lo)),
+        tl.join(tl.join(w0 >> hi, w2 >> hi), tl.join(w1 >> hi, w3 >> hi)),
+    )  # (BLOCK_C, BLOCK_R // 8, a, b, c): word 2a + b, half c; row 8g + 4a + 2b + c
+    threshold = (tl.to_tensor(dropout_p) * 65536.0 + 0.5).to(tl.uint32)
+    return tl.reshape(draws, [BLOCK_C, BLOCK_R]) >= threshold
+
+
+@triton.jit
+def _dropout_keep(seed, bh, row0, cols, seq_len, num_cols, dropout_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """`_dropout_keep_t` query-major: (BLOCK_R, BLOCK_C), the forward's and dQ's orientation."""
+    return tl.trans(_dropout_keep_t(seed, bh, row0, cols, seq_len, num_cols, dropout_p, BLOCK_R, BLOCK_C))
 
 
 @triton.jit
 def _attend_block_range(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, end, offs_m, qk_scale,
-                        rng_rows, col0, num_cols, dropout_p, seed,
-                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
+                        bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
     """Fold keys 0 .. end-1 of one key/value source (columns col0 .. of P+S) into the running (max, sum, acc) of a
     query block; with DROPOUT the weights that multiply V are dropped and rescaled, the softmax sum is not."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -55,9 +76,8 @@ def _attend_block_range(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, 
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(
-                _dropout_keep(seed, rng_rows[:, None], col0 + cols[None, :], num_cols, dropout_p), p / (1.0 - dropout_p), 0.0
-            )
+            kept = _dropout_keep(seed, bh, row0, col0 + cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N)
+            p = tl.where(kept, p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
@@ -86,7 +106,6 @@ def _fwd_body(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
     qk_scale = scale * LOG2E
-    rng_rows = pid_bh.to(tl.int64) * seq_len + offs_m
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0
     )
@@ -94,14 +113,14 @@ def _fwd_body(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, m_i, l_i = _attend_block_range(q, acc, m_i, l_i, PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh,
-                                        stride_pks, stride_pvs, prefix_len, offs_m, qk_scale, rng_rows, 0, prefix_len + seq_len,
-                                        dropout_p, seed, HEAD_DIM, BLOCK_P, False, DROPOUT)  # fmt: skip
+                                        stride_pks, stride_pvs, prefix_len, offs_m, qk_scale, pid_bh, pid_m * BLOCK_M, seq_len, 0,
+                                        prefix_len + seq_len, dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_P, False, DROPOUT)  # fmt: skip
     end = tl.minimum(tl.load(Lens + b), seq_len)
     if CAUSAL:
         end = tl.minimum(end, (pid_m + 1) * BLOCK_M)
     acc, m_i, l_i = _attend_block_range(q, acc, m_i, l_i, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-                                        stride_ks, stride_vs, end, offs_m, qk_scale, rng_rows, prefix_len, prefix_len + seq_len,
-                                        dropout_p, seed, HEAD_DIM, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
+                                        stride_ks, stride_vs, end, offs_m, qk_scale, pid_bh, pid_m * BLOCK_M, seq_len, prefix_len,
+                                        prefix_len + seq_len, dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -160,7 +179,7 @@ def prefix_attn_fwd_dropout(
     dropout_p, seed,
 ):  # fmt: skip
     """The training forward: `prefix_attn_fwd` with dropout on the attention weights (each dropped with probability
-    dropout_p, fp32, from the Philox stream int32 `seed`, see `_dropout_keep`); the backward replays the same draws."""
+    dropout_p, fp32, from the Philox stream int32 `seed`, see `_dropout_keep_t`); the backward replays the same draws."""
     _fwd_body(Q, K, V, PK, PV, Lens, Out, Lse, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
               stride_vs, stride_pkb, stride_pkh, stride_pks, stride_pvb, stride_pvh, stride_pvs, stride_ob, stride_oh, stride_os,
               num_heads, kv_group, seq_len, prefix_len, scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, dropout_p, seed, True,
@@ -295,7 +314,7 @@ def _dkv_block(k_base, v_base, dk_base, dv_base, stride_ks, stride_vs, stride_dk
             p_t = tl.where(keep, p_t, 0.0)
             dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BN, BM)
             if DROPOUT:
-                kept = _dropout_keep(seed, (row_base + rows)[None, :], col0 + cols[:, None], num_cols, dropout_p)
+                kept = _dropout_keep_t(seed, b * num_heads + h, start_m, col0 + cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N)
                 dv += tl.dot(tl.where(kept, p_t / (1.0 - dropout_p), 0.0).to(do.dtype), do, input_precision="ieee")
                 dp_t = tl.where(kept, dp_t / (1.0 - dropout_p), 0.0)
             else:
@@ -348,8 +367,8 @@ def prefix_attn_bwd_dkv(
 
 @triton.jit
 def _dq_block_range(q, do, lse, delta, dq, k_base, v_base, stride_ks, stride_vs, end, rows, qk_scale,
-                    rng_rows, col0, num_cols, dropout_p, seed,
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
+                    bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
     """Add the contribution of keys 0 .. end-1 of one source to dQ / scale of a query block."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -365,7 +384,7 @@ def _dq_block_range(q, do, lse, delta, dq, k_base, v_base, stride_ks, stride_vs,
         p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         if DROPOUT:
-            kept = _dropout_keep(seed, rng_rows[:, None], col0 + cols[None, :], num_cols, dropout_p)
+            kept = _dropout_keep(seed, bh, row0, col0 + cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
@@ -400,17 +419,16 @@ def prefix_attn_bwd_dq(
     lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
     delta = tl.load(Delta + pid_bh.to(tl.int64) * seq_len + rows, mask=row_ok, other=0.0)
     qk_scale = scale * LOG2E
-    rng_rows = pid_bh.to(tl.int64) * seq_len + rows
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_block_range(q, do, lse, delta, dq, PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh,
-                         stride_pks, stride_pvs, prefix_len, rows, qk_scale, rng_rows, 0, prefix_len + seq_len, dropout_p, seed,
-                         HEAD_DIM, BLOCK_N, False, DROPOUT)  # fmt: skip
+                         stride_pks, stride_pvs, prefix_len, rows, qk_scale, pid_bh, pid_m * BLOCK_M, seq_len, 0, prefix_len + seq_len,
+                         dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, False, DROPOUT)  # fmt: skip
     end = tl.minimum(tl.load(Lens + b), seq_len)
     if CAUSAL:
         end = tl.minimum(end, (pid_m + 1) * BLOCK_M)
     dq = _dq_block_range(q, do, lse, delta, dq, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-                         stride_ks, stride_vs, end, rows, qk_scale, rng_rows, prefix_len, prefix_len + seq_len, dropout_p, seed,
-                         HEAD_DIM, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
+                         stride_ks, stride_vs, end, rows, qk_scale, pid_bh, pid_m * BLOCK_M, seq_len, prefix_len, prefix_len + seq_len,
+                         dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])  # fmt: skip
 
