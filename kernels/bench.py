@@ -6,9 +6,12 @@ launch gaps included) and replayed from a CUDA graph of 20 calls (the GPU time a
 achieved TFLOP/s (graph time):
   triton_prefix      kernels.op.prefix_attn (the torch custom op): prefix and sequence read in one pass
   triton_launchers   the same kernels launched directly (kernels/prefix_attention.py), without the torch op around them
+  triton_no_prefix   kernels.op.prefix_attn without a prefix (P = 0): what the prefix itself costs
   sdpa_concat_mask   SDPA over concat(prefix, keys) with the extended (B, 1, 1, P+S) mask: the PEFT path (named baseline)
   sdpa_seq_mask      SDPA over the sequence alone with its padding mask (no prefix)
   sdpa_seq_nomask    SDPA over the sequence alone, no mask (no prefix): the launch floor
+  triton_dropout     triton_prefix with attention dropout 0.1 (training), against
+  sdpa_concat_dropout  sdpa_concat_mask with dropout 0.1 (its speed-up column is against this row)
 Then one P-tuning v2 training step (forward, loss, backward, AdamW) of a MiniLM-shaped PrefixModel from train/ (random
 weights, bf16 autocast as train/loop.py) with the kernel against the SDPA concat path, with attention dropout (as in
 training) and without, launched from Python and replayed from a CUDA graph, at each of --train-batches x sequence.
@@ -74,11 +77,11 @@ def _timings(fn: Callable[[], object], args: argparse.Namespace, calls: int = 20
         return eager, f"{type(e).__name__}: {e}"[:300]
 
 
-def _sdpa_concat(q, k, v, pk, pv, keep):
+def _sdpa_concat(q, k, v, pk, pv, keep, dropout_p=0.0):
     b = q.shape[0]
     k = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)  # (B, N, P+S, D)
     v = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
 
 
 def attention_variants(b: int, n: int, s: int, p: int, d: int, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable, int]]:
@@ -106,10 +109,19 @@ def attention_variants(b: int, n: int, s: int, p: int, d: int, dtype: torch.dtyp
     return {
         "triton_prefix": (*autograd_pair(lambda: prefix_attn(q, k, v, pk, pv, lengths), [q, k, v, pk, pv]), p + s),
         "triton_launchers": (lambda: tk.forward(q, k, v, pk, pv, lengths, False, d**-0.5), launchers, p + s),
+        "triton_no_prefix": (*autograd_pair(lambda: prefix_attn(q, k, v, None, None, lengths), [q, k, v]), s),
         "sdpa_concat_mask": (*autograd_pair(lambda: _sdpa_concat(q, k, v, pk, pv, keep), [q, k, v, pk, pv]), p + s),
         "sdpa_seq_mask": (*autograd_pair(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep_seq), [q, k, v]), s),
         "sdpa_seq_nomask": (*autograd_pair(lambda: F.scaled_dot_product_attention(q, k, v), [q, k, v]), s),
+        "triton_dropout": (
+            *autograd_pair(lambda: prefix_attn(q, k, v, pk, pv, lengths, dropout_p=0.1), [q, k, v, pk, pv]),
+            p + s,
+        ),
+        "sdpa_concat_dropout": (*autograd_pair(lambda: _sdpa_concat(q, k, v, pk, pv, keep, 0.1), [q, k, v, pk, pv]), p + s),
     }
+
+
+BASELINE = {"triton_dropout": "sdpa_concat_dropout", "sdpa_concat_dropout": "sdpa_concat_dropout"}  # else sdpa_concat_mask
 
 
 def bench_attention(args: argparse.Namespace, d: int) -> dict:
@@ -125,8 +137,8 @@ def bench_attention(args: argparse.Namespace, d: int) -> dict:
             rows[name]["fwd_tflops"] = flops / fwd_graph / 1e9
         if isinstance(both_graph, float):
             rows[name]["fwd_bwd_tflops"] = 3.5 * flops / both_graph / 1e9
-    base = rows["sdpa_concat_mask"]
-    for r in rows.values():
+    for name, r in rows.items():
+        base = rows[BASELINE.get(name, "sdpa_concat_mask")]
         for key in ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms"):
             if isinstance(r[key], float) and isinstance(base[key], float):
                 r[key.replace("_ms", "_speedup_vs_concat")] = base[key] / r[key]
@@ -289,19 +301,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def format_report(report: dict) -> str:
-    """The attention rows (ms and speed-up over SDPA-over-concat, eager launch / CUDA graph), training step, sweep."""
+    """The attention rows (ms and speed-up over SDPA-over-concat, eager launch / CUDA graph), what the prefix costs
+    the kernel, the training step, the sweep's five fastest."""
 
     def num(x, spec):
         return format(x, spec) if isinstance(x, float) else "-".rjust(int(spec.split(".")[0] or 1))
 
-    lines = [f"{'head dim':>8} {'variant':>18} {'fwd ms':>8} {'graph':>8} {'fwd+bwd':>8} {'graph':>8}   x concat: "
+    lines = [f"{'head dim':>8} {'variant':>20} {'fwd ms':>8} {'graph':>8} {'fwd+bwd':>8} {'graph':>8}   x concat: "
              f"{'fwd':>5} {'graph':>5} {'f+b':>5} {'graph':>5}"]  # fmt: skip
     for d, rows in report["attention"].items():
         for name, r in rows.items():
             ms = " ".join(num(r[k], "8.4f") for k in ("fwd_ms", "fwd_graph_ms", "fwd_bwd_ms", "fwd_bwd_graph_ms"))
             x = " ".join(num(r.get(k), "5.2f") for k in ("fwd_speedup_vs_concat", "fwd_graph_speedup_vs_concat",
                                                          "fwd_bwd_speedup_vs_concat", "fwd_bwd_graph_speedup_vs_concat"))  # fmt: skip
-            lines.append(f"{d:>8} {name:>18} {ms}             {x}")
+            lines.append(f"{d:>8} {name:>20} {ms}             {x}")
+        with_p, without = rows.get("triton_prefix", {}), rows.get("triton_no_prefix", {})
+        if all(isinstance(r.get("fwd_graph_ms"), float) for r in (with_p, without)):
+            lines.append(f"{d:>8} prefix cost (kernel, graph): forward {with_p['fwd_graph_ms'] / without['fwd_graph_ms']:.2f}x "
+                         f"the kernel without a prefix")  # fmt: skip
     for t in report.get("train_step", []):
         for suffix in ("", "_no_dropout"):
             k, c = t[f"triton_prefix{suffix}"], t[f"sdpa_concat_mask{suffix}"]

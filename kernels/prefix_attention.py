@@ -314,7 +314,9 @@ def _dkv_block(k_base, v_base, dk_base, dv_base, stride_ks, stride_vs, stride_dk
             p_t = tl.where(keep, p_t, 0.0)
             dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BN, BM)
             if DROPOUT:
-                kept = _dropout_keep_t(seed, b * num_heads + h, start_m, col0 + cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N)
+                kept = _dropout_keep_t(
+                    seed, b * num_heads + h, start_m, col0 + cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N
+                )
                 dv += tl.dot(tl.where(kept, p_t / (1.0 - dropout_p), 0.0).to(do.dtype), do, input_precision="ieee")
                 dp_t = tl.where(kept, dp_t / (1.0 - dropout_p), 0.0)
             else:

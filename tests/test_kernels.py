@@ -311,6 +311,25 @@ def test_training_kernels_compile_for_sm90():
         assert kernel.asm["cubin"] and kernel.metadata.shared < 228 * 1024, fn.__name__
 
 
+def test_bench_report_prints_every_row_and_the_prefix_cost():
+    """kernels.bench runs only on a GPU; its table must not be what fails there (a failed capture is a string)."""
+    from kernels.bench import format_report
+
+    row = {"fwd_ms": 0.1, "fwd_bwd_ms": 0.4, "fwd_graph_ms": 0.012, "fwd_bwd_graph_ms": 0.08, "fwd_graph_speedup_vs_concat": 6.0}
+    rows = {
+        "triton_prefix": row,
+        "triton_no_prefix": {**row, "fwd_graph_ms": 0.010},
+        "sdpa_concat_dropout": {**row, "fwd_bwd_graph_ms": "RuntimeError: capture"},
+    }
+    step = {"step_ms": 18.0, "graph_step_ms": 2.0, "graph_step_speedup_vs_concat": 1.25}
+    report = {"attention": {"d64": rows}, "train_step": [{"batch": 32, "seq": 128, **{f"{v}{s}": step for v in ("triton_prefix", "sdpa_concat_mask") for s in ("", "_no_dropout")}}],
+              "sweep": {"d64": {"bm64_bn64_w4_s3_bp16": {"fwd_graph_ms": 0.0114}, "bm128_bn64_w8_s2_bp16": {"error": "OutOfResources"}}}}  # fmt: skip
+    text = format_report(report)
+    assert all(name in text for name in rows) and "1.20x the kernel without a prefix" in text
+    assert "x concat - / 1.25" in text and "sweep d64: bm64_bn64_w4_s3_bp16 0.0114" in text
+    assert [line for line in text.splitlines() if "sdpa_concat_dropout" in line][0].split()[5] == "-"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: the same cases compiled, plus fp16/bf16 everywhere and BERT-sized shapes
 # ---------------------------------------------------------------------------------------------------------------
