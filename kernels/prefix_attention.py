@@ -54,33 +54,64 @@ def _dropout_keep(seed, bh, row0, cols, seq_len, num_cols, dropout_p, BLOCK_R: t
 
 
 @triton.jit
-def _attend_block_range(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, end, offs_m, qk_scale,
-                        bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
-    """Fold keys 0 .. end-1 of one key/value source (columns col0 .. of P+S) into the running (max, sum, acc) of a
-    query block; with DROPOUT the weights that multiply V are dropped and rescaled, the softmax sum is not."""
-    offs_n = tl.arange(0, BLOCK_N)
+def _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, start, end, offs_m, qk_scale,
+                  bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """Fold keys start .. start+BLOCK_N-1 of one key/value source (columns col0 + ... of P+S) into the running (max,
+    sum, acc) of a query block, in log2 units; with DROPOUT the weights that multiply V are dropped and rescaled, the
+    softmax sum is not. MASKED: keys at or past `end` (and, CAUSAL, after the query) are hidden; without it every key
+    of the block is visible to every query, and the loads and the softmax skip the masks."""
+    cols = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(0, end, BLOCK_N):
-        cols = start + offs_n
+    k_ptrs = k_base + cols[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :]
+    if MASKED:
         valid = cols < end
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BM, BN), log2 units
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)  # (BN, D)
+    else:
+        k = tl.load(k_ptrs)
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BM, BN), unscaled: the scale goes into exp2's FMA
+    if MASKED:
         keep = valid[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None])
         qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            kept = _dropout_keep(seed, bh, row0, col0 + cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N)
-            p = tl.where(kept, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk * qk_scale - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        kept = _dropout_keep(seed, bh, row0, col0 + cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N)
+        p = tl.where(kept, p / (1.0 - dropout_p), 0.0)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)  # (BN, D)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_block_range(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, end, offs_m, qk_scale,
+                        bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
+    """Fold keys 0 .. end-1 of one source into a query block (rows row0 ..): the blocks every row sees in full
+    without masks, then the rest (the padding edge, the causal diagonal) with them."""
+    full_end = (end // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        full_end = tl.minimum(full_end, ((row0 + 1) // BLOCK_N) * BLOCK_N)  # key blocks wholly before the first row
+    for start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, start, end, offs_m, qk_scale,
+                                      bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
+                                      DROPOUT, False)  # fmt: skip
+    for start in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, start, end, offs_m, qk_scale,
+                                      bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
+                                      DROPOUT, True)  # fmt: skip
     return acc, m_i, l_i
 
 
