@@ -289,22 +289,8 @@ def forward_grid(batch: int, num_heads: int, seq_len: int, block_m: int) -> tupl
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Backward: delta = rowsum(dOut * Out); dK/dV (sequence and prefix) per key block; dQ per query block
+# Backward: dQ per query block (and delta = rowsum(dOut * Out) on the way), then dK/dV per key block
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def prefix_attn_bwd_delta(Out, DOut, Delta, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds, num_heads, seq_len,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-    """Delta (B, N, S) fp32 contiguous = sum_d DOut * Out. Grid (cdiv(S, BLOCK_M), B * N)."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = rows[:, None] < seq_len
-    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_ds + offs_d[None, :], mask=ok, other=0.0)
-    tl.store(Delta + pid_bh.to(tl.int64) * seq_len + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < seq_len)
 
 
 @triton.jit
@@ -376,7 +362,7 @@ def prefix_attn_bwd_dkv(
     """dK, dV (B, Nkv, S, D) and per-row prefix grads DPK, DPV (B, Nkv, P, D) fp32 contiguous.
 
     Grid (cdiv(S, BLOCK_N) + cdiv(P, BLOCK_N), B * Nkv): the first cdiv(S, BLOCK_N) programs take sequence key blocks,
-    the rest prefix key blocks. Lse and Delta as written by the forward and `prefix_attn_bwd_delta`.
+    the rest prefix key blocks. Lse and Delta as written by the forward and `prefix_attn_bwd_dq`.
     """
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // num_kv_heads).to(tl.int64), (pid_bh % num_kv_heads).to(tl.int64)
@@ -426,18 +412,20 @@ def _dq_block_range(q, do, lse, delta, dq, k_base, v_base, stride_ks, stride_vs,
 
 @triton.jit
 def prefix_attn_bwd_dq(
-    Q, K, V, PK, PV, DOut, Lse, Delta, Lens, DQ,
+    Q, K, V, PK, PV, Out, DOut, Lse, Delta, Lens, DQ,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_pkb, stride_pkh, stride_pks,
     stride_pvb, stride_pvh, stride_pvs,
+    stride_ob, stride_oh, stride_os,
     stride_db, stride_dh, stride_ds,
     stride_dqb, stride_dqh, stride_dqs,
     num_heads, kv_group, seq_len, prefix_len, scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
-    """dQ (B, N, S, D). Grid (cdiv(S, BLOCK_M), B * N), as the forward."""
+    """dQ (B, N, S, D), and Delta (B, N, S) fp32 contiguous = rowsum(DOut * Out), which `prefix_attn_bwd_dkv` reads
+    (launched after this kernel). Grid (cdiv(S, BLOCK_M), B * N), as the forward."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64)
     hk = h // kv_group
@@ -450,7 +438,11 @@ def prefix_attn_bwd_dq(
     )
     lse = tl.load(Lse + pid_bh.to(tl.int64) * seq_len + rows, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * seq_len + rows, mask=row_ok, other=0.0)
+    o = tl.load(
+        Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :], mask=row_ok[:, None], other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * seq_len + rows, delta, mask=row_ok)
     qk_scale = scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_block_range(q, do, lse, delta, dq, PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh,
@@ -514,21 +506,19 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     b, n, s, d = q.shape
     nkv, p = k.shape[1], pk.shape[2]
     block_m, block_n, num_warps, num_stages = block_sizes(q.dtype, d)
-    delta = torch.empty_like(lse)  # (B, N, S)
-    prefix_attn_bwd_delta[forward_grid(b, n, s, block_m)](
-        out, do, delta, *_strides(out), *_strides(do), n, s, HEAD_DIM=d, BLOCK_M=block_m
-    )
+    delta = torch.empty_like(lse)  # (B, N, S), written by the dQ kernel, read by the dK/dV kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dpk = torch.empty(b, nkv, p, d, dtype=torch.float32, device=q.device)  # per batch row, summed below if shared
     dpv = torch.empty_like(dpk)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(do))
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv))
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0, num_warps=num_warps,
                 num_stages=num_stages)  # fmt: skip
+    prefix_attn_bwd_dq[forward_grid(b, n, s, block_m)](q, k, v, pk, pv, out, do, lse, delta, lengths, dq, *common, *_strides(out),
+                                                       *_strides(do), *_strides(dq), n, n // nkv, s, p, scale, dropout_p, seed,
+                                                       **meta)  # fmt: skip
     grid = (triton.cdiv(s, block_n) + triton.cdiv(p, block_n), b * nkv, 1)
-    prefix_attn_bwd_dkv[grid](q, k, v, pk, pv, do, lse, delta, lengths, dk, dv, dpk, dpv, *common, *_strides(dk), *_strides(dv),
-                              n, nkv, s, p, scale, dropout_p, seed, **meta)  # fmt: skip
-    prefix_attn_bwd_dq[forward_grid(b, n, s, block_m)](q, k, v, pk, pv, do, lse, delta, lengths, dq, *common, *_strides(dq),
-                                                       n, n // nkv, s, p, scale, dropout_p, seed, **meta)  # fmt: skip
+    prefix_attn_bwd_dkv[grid](q, k, v, pk, pv, do, lse, delta, lengths, dk, dv, dpk, dpv, *common, *_strides(do), *_strides(dk),
+                              *_strides(dv), n, nkv, s, p, scale, dropout_p, seed, **meta)  # fmt: skip
     if pk.shape[0] == 1:
         dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
     return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype)
