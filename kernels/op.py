@@ -40,7 +40,8 @@ def _prefix_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           lengths: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, dropout_p: float,
                           seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Triton gradients (dq, dk, dv, dpk, dpv), each shaped like its input."""
-    return tk.backward(do.contiguous(), q, k, v, pk, pv, lengths, out, lse, causal, scale, dropout_p, seed)
+    do = do if do.stride(-1) == 1 else do.contiguous()  # any other layout: the kernels take strides
+    return tk.backward(do, q, k, v, pk, pv, lengths, out, lse, causal, scale, dropout_p, seed)
 
 
 @_prefix_attn_backward.register_fake
@@ -70,6 +71,24 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 _prefix_attn.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _PrefixAttnFunction(torch.autograd.Function):
+    """What `prefix_attn` runs when gradients are wanted in eager mode: the op's own forward and `_backward`, without
+    torch.library's per-call autograd wrapper around the op (it rebuilds the schema's defaults on every call: ~60 us of
+    CPU on the 2-core CPU, per layer and step, where the GPU time of the kernel is ~10 us). The op itself still runs,
+    below autograd; torch.compile and torch.ops.edgetune.prefix_attn use the registered autograd."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed):
+        out, lse = _prefix_attn(q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, pk, pv, lengths, out, lse)
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out, None)
 
 
 def prefix_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
@@ -113,5 +132,7 @@ def prefix_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: tor
         return prefix_attn_reference(q, k, v, prefix_k, prefix_v, lengths, causal, scale, dropout_p=dropout_p)[0]
     q, k, v, prefix_k, prefix_v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, prefix_k, prefix_v))
     seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0.0 else 0
-    out, _ = _prefix_attn(q, k, v, prefix_k, prefix_v, lengths.contiguous(), causal, scale, float(dropout_p), seed)
-    return out
+    args = (q, k, v, prefix_k, prefix_v, lengths.contiguous(), causal, scale, float(dropout_p), seed)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:5]) and not torch.compiler.is_compiling():
+        return _PrefixAttnFunction.apply(*args)
+    return _prefix_attn(*args)[0]

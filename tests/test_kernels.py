@@ -193,6 +193,34 @@ def test_interpreted_dropout_through_prefix_attn_is_seeded_by_torch():
     assert _max_err(runs[0], prefix_attn(q, k, v, pk, pv, lengths)) > 0.1
 
 
+def _same_as_the_op(c: Case, dropout_p: float) -> None:
+    """prefix_attn's eager autograd (kernels.op._PrefixAttnFunction) gives exactly the output and gradients of the
+    op's registered autograd, dropout included (prefix_attn draws its seed from torch's generator)."""
+    tensors, lengths, grad_out = _inputs(c, "cpu")
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p else 0
+
+    def through_prefix_attn(q, k, v, pk, pv, lengths, causal):
+        torch.manual_seed(7)
+        out = prefix_attn(q, k, v, pk, pv, lengths, causal, dropout_p=dropout_p)
+        assert type(out.grad_fn).__name__ == "_PrefixAttnFunctionBackward"
+        return out
+
+    ours = _run(through_prefix_attn, tensors, lengths, grad_out, c.causal)
+    ops = _run(_kernel(dropout_p, seed), tensors, lengths, grad_out, c.causal)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), ours, ops, strict=True):
+        assert torch.equal(a, b), name
+
+
+@interpreted
+def test_interpreted_prefix_attn_autograd_is_the_ops():
+    _same_as_the_op(Case(n=4, nkv=2, s=17, p=20, causal=True, lengths=(17, 6)), dropout_p=0.25)
+
+
+def test_prefix_attn_autograd_is_the_ops_on_the_reference_path():
+    _same_as_the_op(Case(n=4, nkv=2, s=17, p=20, d=8, causal=True, lengths=(17, 6)), dropout_p=0.0)  # d=8: reference
+
+
 @interpreted
 def test_interpreted_log_sum_exp_for_the_backward():
     c = Case(b=3, s=17, p=1, lengths=(17, 0, 5), causal=True)
