@@ -176,10 +176,22 @@ DROPOUT_CASES = [
 def test_interpreted_dropout_matches_float64_with_the_same_mask(case):
     mask = dropout_mask(case, 0.25, 1234, "cpu")
     assert abs(mask.float().mean().item() - 0.75) < 0.02 and not torch.equal(mask, dropout_mask(case, 0.25, 1235, "cpu"))
-    # eight rows share a Philox call: independent draws agree with the next row 0.25**2 + 0.75**2 = 62.5% of the time
-    agree = (mask[:, :, 1:] == mask[:, :, :-1]).float().mean().item()
-    assert abs(agree - 0.625) < 0.03, agree
     check_against_float64(case, "cpu", dropout_p=0.25, seed=1234)
+
+
+@interpreted
+@pytest.mark.parametrize("dropout_p", [0.1, 0.25])
+def test_interpreted_dropout_draws_look_independent(dropout_p):
+    """Eight query rows share a Philox call (two 16-bit halves of each of its four words): every row of a group keeps
+    with probability 1 - p, and rows 1..7 apart agree as independent draws do, p**2 + (1-p)**2 of the time."""
+    c = Case(b=2, n=4, s=97, p=20)
+    mask = dropout_mask(c, dropout_p, 99, "cpu").float()  # (B, N, S, P+S): 776 rows x 117 columns
+    for j in range(8):
+        assert abs(mask[:, :, j::8].mean().item() - (1 - dropout_p)) < 0.02, j
+    for offset in range(1, 8):
+        agree = (mask[:, :, offset:] == mask[:, :, :-offset]).float().mean().item()
+        assert abs(agree - (dropout_p**2 + (1 - dropout_p) ** 2)) < 0.02, (offset, agree)
+    assert abs((mask[:, :, :, 1:] == mask[:, :, :, :-1]).float().mean().item() - (dropout_p**2 + (1 - dropout_p) ** 2)) < 0.02
 
 
 @interpreted
