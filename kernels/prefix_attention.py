@@ -31,12 +31,13 @@ def _dropout_keep_t(seed, bh, row0, cols, seq_len, num_cols, dropout_p, BLOCK_R:
     of head bh = b * N + h.
 
     One Philox call (`tl.randint4x`) gives four 32-bit words, eight 16-bit draws: those of query rows 8g .. 8g+7 of
-    one column, counter (bh * cdiv(S, 8) + g) * num_cols + column (int32; wrapping past 2**31 only repeats draws).
-    Row 8g + j takes half j % 2 of word j // 2; a weight is kept when its draw >= round(dropout_p * 65536), so the
-    drop probability is dropout_p to within 2**-17. Eight times fewer Philox rounds than a draw per weight.
+    one column, counter (bh * cdiv(S, 8) + g) * num_cols + column (computed in int64 and passed to Philox as int32:
+    past 2**32 counters the draws repeat). Row 8g + j takes half j % 2 of word j // 2; a weight is kept when its draw
+    >= round(dropout_p * 65536), so the drop probability is dropout_p to within 2**-17. Eight times fewer Philox
+    rounds than a draw per weight.
     """
     groups = row0 // 8 + tl.arange(0, BLOCK_R // 8)
-    counter = (bh * tl.cdiv(seq_len, 8) + groups)[None, :] * num_cols + cols[:, None]  # (BLOCK_C, BLOCK_R // 8)
+    counter = (bh.to(tl.int64) * tl.cdiv(seq_len, 8) + groups)[None, :] * num_cols + cols[:, None]  # (BLOCK_C, BLOCK_R // 8)
     w0, w1, w2, w3 = tl.randint4x(seed, counter.to(tl.int32))
     words = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # (BLOCK_C, BLOCK_R // 8, a, b): word 2a + b
     shifts = tl.arange(0, 2).to(tl.uint32) * 16  # the halves by a broadcast shift: fewer layout conversions than joins
