@@ -237,12 +237,17 @@ class AotSpec(NamedTuple):
     block_m: int  # for the grid: (cdiv(S, block_m), B * N, 1)
 
 
-def block_sizes(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward and backward kernels on an sm_80 / sm_90 GPU."""
+def block_sizes(dtype: torch.dtype, head_dim: int, backward: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward (and, backward=True, the backward) kernels on an
+    sm_80 / sm_90 GPU. 8 warps where 4 left ptxas spilling registers (its -v counts, triton 3.7.1, not timed): fp32 at
+    head dims 64 and 128, whose dot products run on FMA units with the tiles in registers (sm_90: forward 1.7-1.9 KB
+    -> 0-0.8 KB, backward up to 21 KB -> at most 64 bytes), and the 16-bit backward at 128 (160 -> 0 bytes)."""
     if dtype == torch.float32 and head_dim > 64:
-        return 32, 32, 4, 2  # the fp32 backward at 64 x 32 needs 107 KB of shared memory: more than sm_86/89 have
+        return 32, 32, 8, 2  # the fp32 backward at 64 x 32 needs 107 KB of shared memory: more than sm_86/89 have
+    if dtype == torch.float32 and head_dim == 64:
+        return 64, 32, 8, 2
     if dtype == torch.float32 or head_dim > 64:
-        return 64, 32, 4, 2
+        return 64, 32, 8 if backward and head_dim > 64 else 4, 2
     return 64, 64, 4, 2
 
 
@@ -506,7 +511,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     their inputs (a batch-shared prefix gets the gradient summed over the batch)."""
     b, n, s, d = q.shape
     nkv, p = k.shape[1], pk.shape[2]
-    block_m, block_n, num_warps, num_stages = block_sizes(q.dtype, d)
+    block_m, block_n, num_warps, num_stages = block_sizes(q.dtype, d, backward=True)
     delta = torch.empty_like(lse)  # (B, N, S), written by the dQ kernel, read by the dK/dV kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dpk = torch.empty(b, nkv, p, d, dtype=torch.float32, device=q.device)  # per batch row, summed below if shared

@@ -349,7 +349,7 @@ def test_training_kernels_compile_for_sm90():
     fp32_pointers = {"Lse", "Delta", "DPK", "DPV"}
     bm, bn, warps, stages, bp = forward_config(torch.bfloat16, 64, 16)
     jobs = [(prefix_attn_fwd_dropout, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, BLOCK_P=bp), (warps, stages))]
-    bm, bn, warps, stages = block_sizes(torch.bfloat16, 64)
+    bm, bn, warps, stages = block_sizes(torch.bfloat16, 64, backward=True)
     jobs += [(fn, dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, DROPOUT=True), (warps, stages))
              for fn in (prefix_attn_bwd_dkv, prefix_attn_bwd_dq)]  # fmt: skip
     for fn, constexprs, (warps, stages) in jobs:
