@@ -10,7 +10,8 @@
 #   train_export   a 1-epoch P-tuning v2 MiniLM run trained on the GPU, exported (CPU gates, model.prefix_op.onnx)
 #   warm           kernels.bench with 2 iterations: compiles every kernel the timed run uses (triton's disk cache)
 # Phase B, one at a time (timed):
-#   kernels_bench  python -m kernels.bench --sweep: kernel vs SDPA over the concatenation / without a prefix, training step
+#   kernels_bench  python -m kernels.bench: kernel vs SDPA over the concatenation / without a prefix, training step at
+#                  batch 32 and 128 (SWEEP=1 adds the block sweep, as in PART=triton)
 #   prefix_op      python -m bench.prefix_op: CUDA parity of the custom-op graph, batch 1 x 128 latency with I/O binding
 #   serve          the server on the CUDA provider with the export: /ready names the graph it chose, one /predict
 # Every stage has its own time limit and runs whatever the others did; $OUT gets stages.txt (stage, exit status,
@@ -71,10 +72,10 @@ export -f train_export  # run by `timeout` through bash -c
 stage kernel_tests 220 $PYTEST -n 8 -m gpu tests/test_kernels.py &
 stage op_tests 220 $PYTEST tests/test_prefix_op.py -k "cuda_prefix_op or library_loads_without_cuda" &
 stage train_export 220 bash -c train_export &
-stage warm 200 python3 -m kernels.bench --out /tmp/warm.json --warmup 1 --iters 2 --sweep &
+stage warm 200 python3 -m kernels.bench --out /tmp/warm.json --warmup 1 --iters 2 ${SWEEP:+--sweep} --train-batches 32 128 &
 wait
 
-stage kernels_bench 120 python3 -m kernels.bench --sweep --out "$OUT/kernels_bench.json"
+stage kernels_bench 150 python3 -m kernels.bench ${SWEEP:+--sweep} --train-batches 32 128 --out "$OUT/kernels_bench.json"
 stage prefix_op 180 python3 -m bench.prefix_op "$RUN" "$OUT/prefix_op_bench.json"
 
 serve_check() {  # the real server process on the CUDA provider, one request
