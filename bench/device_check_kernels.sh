@@ -17,7 +17,7 @@
 # Every stage has its own time limit and runs whatever the others did; $OUT gets stages.txt (stage, exit status,
 # seconds), logs.txt (every stage's output), kernels_bench.json, prefix_op_bench.json, manifest.json.
 #
-# PART=triton: the Triton kernels alone (kernel_tests, then kernels_bench with a wider training-step comparison; with
+# PART=triton: the Triton kernels alone (kernel_tests, then kernels_bench as above; with
 # SWEEP=1 SWEEP_SHARDS="0 1 2 3" the block sweep too, with PROFILE=1 a profile of one training step), in one call with
 # nothing carried but the transformers and peft wheels in /tmp/o/assets/whl: torch and triton are the image's own.
 set -uo pipefail
