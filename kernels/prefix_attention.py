@@ -42,7 +42,7 @@ def _dropout_keep_t(seed, bh, row0, cols, seq_len, num_cols, dropout_p, BLOCK_R:
     words = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # (BLOCK_C, BLOCK_R // 8, a, b): word 2a + b
     shifts = tl.arange(0, 2).to(tl.uint32) * 16  # the halves by a broadcast shift: fewer layout conversions than joins
     draws = (words[:, :, :, :, None] >> shifts[None, None, None, None, :]) & 0xFFFF  # half c: row 8g + 4a + 2b + c
-    threshold = (tl.to_tensor(dropout_p) * 65536.0 + 0.5).to(tl.uint32)
+    threshold = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32)
     return tl.reshape(draws, [BLOCK_C, BLOCK_R]) >= threshold
 
 
