@@ -1,5 +1,6 @@
 """The torch op ``edgetune::prefix_attn``: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1), the PyTorch
-reference elsewhere, with autograd either way. `prefix_attn` is the entry point."""
+reference elsewhere, with autograd either way. `prefix_attn` is the entry point (its eager gradients go through
+`_PrefixAttnFunction`, the same forward and backward with less per-call CPU)."""
 
 from __future__ import annotations
 
