@@ -206,18 +206,20 @@ def test_interpreted_dropout_through_prefix_attn_is_seeded_by_torch():
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [32, 64, 128])
 @pytest.mark.parametrize("p", [16, 37])
-def test_interpreted_forward_with_the_ahead_of_time_blocks(p):
-    """The cubins' compile-time blocks (forward_signature: prefix steps of 16 for any P), launched through the JIT."""
-    c = Case(n=4, nkv=2, s=40, p=p, d=64, shared=False, lengths=(40, 19), dtype=torch.float16)
+def test_interpreted_forward_with_the_ahead_of_time_blocks(p, d, dtype):
+    """Every cubin's compile-time blocks (forward_signature: prefix steps of 16 for any P), launched through the JIT."""
+    c = Case(n=4, nkv=2, s=40, p=p, d=d, shared=False, lengths=(40, 19), dtype=dtype)
     (q, k, v, pk, pv), lengths, _ = _inputs(c, "cpu")
-    spec = forward_signature(torch.float16, 64)
+    spec = forward_signature(dtype, d)
     x = spec.constexprs
     out, _ = prefix_attention.forward(q, k, v, pk, pv, lengths, False, c.d**-0.5,
                                       config=(x["BLOCK_M"], x["BLOCK_N"], spec.num_warps, spec.num_stages), block_p=x["BLOCK_P"])  # fmt: skip
     exact = prefix_attn_reference(q, k, v, pk, pv, lengths, dtype=torch.float64)[0]
     same = prefix_attn_reference(q, k, v, pk, pv, lengths)[0]
-    assert _max_err(out.double(), exact) <= 2 * _max_err(same.double(), exact) + FLOOR[torch.float16]
+    assert _max_err(out.double(), exact) <= 2 * _max_err(same.double(), exact) + FLOOR[dtype]
 
 
 def _same_as_the_op(c: Case, dropout_p: float) -> None:
