@@ -213,8 +213,8 @@ def training_step(args: argparse.Namespace, batch: int) -> tuple[torch.nn.Module
 
 def bench_training_step(args: argparse.Namespace, batch: int) -> dict:
     """ms per training step (`training_step`) with each of `attention_functions`, with attention (and hidden) dropout
-    as in training and without (eval mode), launched from Python and replayed from a CUDA graph (GPU time: the kernel's
-    dropout seed is then fixed at capture). Interleaved rounds, the faster of two kept."""
+    as in training and without (eval mode), launched from Python and replayed from a CUDA graph (GPU time; both paths
+    draw their dropout on the device, so every replay drops afresh). Interleaved rounds, the faster of two kept."""
     from transformers import AttentionInterface
 
     from train.prefix import ATTN_SDPA, register_attention

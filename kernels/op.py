@@ -22,8 +22,10 @@ def _use_triton(q: torch.Tensor) -> bool:
 
 @torch.library.custom_op("edgetune::prefix_attn", mutates_args=())
 def _prefix_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, lengths: torch.Tensor,
-                 causal: bool, scale: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """out (B, N, S, D), lse float32 (B, N, S); arguments as `prefix_attn` after its checks (dropout: Triton only)."""
+                 causal: bool, scale: float, dropout_p: float, seed: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """out (B, N, S, D), lse float32 (B, N, S); arguments as `prefix_attn` after its checks; seed: int32 (1,) on q's
+    device, the dropout stream's seed (None without dropout; dropout: Triton only)."""
     if _use_triton(q):
         return tk.forward(q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed)
     out, lse = prefix_attn_reference(q, k, v, pk, pv, lengths, causal, scale)
@@ -39,7 +41,7 @@ def _(q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed):
 @torch.library.custom_op("edgetune::prefix_attn_backward", mutates_args=())
 def _prefix_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
                           lengths: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, dropout_p: float,
-                          seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                          seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Triton gradients (dq, dk, dv, dpk, dpv), each shaped like its input."""
     do = do if do.stride(-1) == 1 else do.contiguous()  # any other layout: the kernels take strides
     return tk.backward(do, q, k, v, pk, pv, lengths, out, lse, causal, scale, dropout_p, seed)
@@ -52,17 +54,15 @@ def _(do, q, k, v, pk, pv, lengths, out, lse, causal, scale, dropout_p, seed):
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed = inputs
-    ctx.save_for_backward(q, k, v, pk, pv, lengths, *output)
-    ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+    ctx.save_for_backward(q, k, v, pk, pv, lengths, seed, *output)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, pk, pv, lengths, out, lse = ctx.saved_tensors
+    q, k, v, pk, pv, lengths, seed, out, lse = ctx.saved_tensors
     if _use_triton(q):
-        grads = _prefix_attn_backward(
-            grad_out, q, k, v, pk, pv, lengths, out, lse, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed
-        )
+        grads = _prefix_attn_backward(grad_out, q, k, v, pk, pv, lengths, out, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
     else:  # differentiate the reference
         inputs = [t.detach().requires_grad_() for t in (q, k, v, pk, pv)]
         with torch.enable_grad():
@@ -83,8 +83,8 @@ class _PrefixAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed):
         out, lse = _prefix_attn(q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, pk, pv, lengths, out, lse)
-        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+        ctx.save_for_backward(q, k, v, pk, pv, lengths, seed, out, lse)
+        ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
         return out
 
     @staticmethod
@@ -101,8 +101,9 @@ def prefix_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: tor
     (1 or B, Nkv, P, D) (batch-shared or per row; None = no prefix), cast to q's dtype; lengths (B,) integer count of
     valid sequence keys per row (None = all S); causal: query i sees sequence keys j <= i; scale defaults to D ** -0.5.
     Returns (B, N, S, D) in q's dtype (a transposed view of (B, S, N, D) memory on the Triton path); rows with no
-    visible key are zero. dropout_p: dropout on the attention weights (pass it only while training), drawn from torch's
-    CPU generator (a seed for the Triton kernels' Philox stream, so torch.manual_seed makes runs repeatable).
+    visible key are zero. dropout_p: dropout on the attention weights (pass it only while training); each call draws
+    the Triton kernels' Philox seed from torch's generator of q's device into a device tensor, so torch.manual_seed
+    makes runs repeatable, and a CUDA graph replay or a compiled graph draws a fresh mask instead of the captured one.
     Triton kernels (fp32/fp16/bf16, D in 32/64/128) on CUDA, PyTorch reference otherwise.
     Raises ValueError on inconsistent shapes or dtypes, or dropout_p outside [0, 1).
     """
@@ -132,7 +133,7 @@ def prefix_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: tor
     if dropout_p > 0.0 and not _use_triton(q):  # torch draws the mask; plain autograd keeps it for the backward
         return prefix_attn_reference(q, k, v, prefix_k, prefix_v, lengths, causal, scale, dropout_p=dropout_p)[0]
     q, k, v, prefix_k, prefix_v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, prefix_k, prefix_v))
-    seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0.0 else 0
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=q.device) if dropout_p > 0.0 else None
     args = (q, k, v, prefix_k, prefix_v, lengths.contiguous(), causal, scale, float(dropout_p), seed)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args[:5]) and not torch.compiler.is_compiling():
         return _PrefixAttnFunction.apply(*args)

@@ -206,10 +206,13 @@ def prefix_attn_fwd_dropout(
     stride_ob, stride_oh, stride_os,
     num_heads, kv_group, seq_len, prefix_len, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_P: tl.constexpr,
-    dropout_p, seed,
+    dropout_p, Seed,
 ):  # fmt: skip
     """The training forward: `prefix_attn_fwd` with dropout on the attention weights (each dropped with probability
-    dropout_p, fp32, from the Philox stream int32 `seed`, see `_dropout_keep_t`); the backward replays the same draws."""
+    dropout_p, fp32, from the Philox stream seeded by the int32 at `Seed`, see `_dropout_keep_t`); the backward replays
+    the same draws. The seed is read from device memory, not passed by value, so that a CUDA graph replay (or a
+    compiled graph) draws a fresh one with torch's generator instead of repeating the captured mask."""
+    seed = tl.load(Seed)
     _fwd_body(Q, K, V, PK, PV, Lens, Out, Lse, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
               stride_vs, stride_pkb, stride_pkh, stride_pks, stride_pvb, stride_pvh, stride_pvs, stride_ob, stride_oh, stride_os,
               num_heads, kv_group, seq_len, prefix_len, scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, dropout_p, seed, True,
@@ -362,14 +365,16 @@ def prefix_attn_bwd_dkv(
     stride_db, stride_dh, stride_ds,
     stride_dkb, stride_dkh, stride_dks,
     stride_dvb, stride_dvh, stride_dvs,
-    num_heads, num_kv_heads, seq_len, prefix_len, scale, dropout_p, seed,
+    num_heads, num_kv_heads, seq_len, prefix_len, scale, dropout_p, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
     """dK, dV (B, Nkv, S, D) and per-row prefix grads DPK, DPV (B, Nkv, P, D) fp32 contiguous.
 
     Grid (cdiv(S, BLOCK_N) + cdiv(P, BLOCK_N), B * Nkv): the first cdiv(S, BLOCK_N) programs take sequence key blocks,
-    the rest prefix key blocks. Lse and Delta as written by the forward and `prefix_attn_bwd_dq`.
+    the rest prefix key blocks. Lse and Delta as written by the forward and `prefix_attn_bwd_dq`; Seed as the forward's
+    (read only with DROPOUT).
     """
+    seed = tl.load(Seed) if DROPOUT else 0
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // num_kv_heads).to(tl.int64), (pid_bh % num_kv_heads).to(tl.int64)
     kv_group = num_heads // num_kv_heads
@@ -427,11 +432,13 @@ def prefix_attn_bwd_dq(
     stride_ob, stride_oh, stride_os,
     stride_db, stride_dh, stride_ds,
     stride_dqb, stride_dqh, stride_dqs,
-    num_heads, kv_group, seq_len, prefix_len, scale, dropout_p, seed,
+    num_heads, kv_group, seq_len, prefix_len, scale, dropout_p, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
     """dQ (B, N, S, D), and Delta (B, N, S) fp32 contiguous = rowsum(DOut * Out), which `prefix_attn_bwd_dkv` reads
-    (launched after this kernel). Grid (cdiv(S, BLOCK_M), B * N), as the forward."""
+    (launched after this kernel). Grid (cdiv(S, BLOCK_M), B * N), as the forward. Seed as the forward's (read only
+    with DROPOUT)."""
+    seed = tl.load(Seed) if DROPOUT else 0
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64)
     hk = h // kv_group
@@ -477,12 +484,13 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, lengths: torch.Tensor,
-            causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0,
+            causal: bool, scale: float, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
             config: tuple[int, int, int, int] | None = None, block_p: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the forward. q (B, N, S, D), k/v (B, Nkv, S, D), pk/pv (1 or B, Nkv, P, D), lengths int32 (B,); with
-    dropout_p > 0 the attention weights are dropped from the Philox stream `seed` (int32). config: (BLOCK_M, BLOCK_N,
-    num_warps, num_stages) and block_p (prefix keys per step) in place of `forward_config`'s (kernels/bench.py's sweep).
+    dropout_p > 0 the attention weights are dropped from the Philox stream seeded by `seed` (an int32 tensor of one
+    element on q's device, read by the kernels). config: (BLOCK_M, BLOCK_N, num_warps, num_stages) and block_p
+    (prefix keys per step) in place of `forward_config`'s (kernels/bench.py's sweep).
 
     Returns out (B, N, S, D) (a transposed view of (B, S, N, D) memory) and lse float32 (B, N, S).
     """
@@ -498,7 +506,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor,
                 num_stages=num_stages)  # fmt: skip
     grid = forward_grid(b, n, s, block_m)
     if dropout_p > 0.0:
-        prefix_attn_fwd_dropout[grid](*args, dropout_p=dropout_p, seed=seed, **meta)
+        if seed is None:
+            raise ValueError("dropout needs a seed: an int32 tensor of one element on q's device")
+        prefix_attn_fwd_dropout[grid](*args, dropout_p=dropout_p, Seed=seed, **meta)
     else:
         prefix_attn_fwd[grid](*args, **meta)
     return out, lse
@@ -506,7 +516,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor,
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
              lengths: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, dropout_p: float = 0.0,
-             seed: int = 0) -> tuple[torch.Tensor, ...]:  # fmt: skip
+             seed: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Launch the backward. Shapes and dropout as `forward`; do like out. Returns dq, dk, dv, dpk, dpv shaped like
     their inputs (a batch-shared prefix gets the gradient summed over the batch)."""
     b, n, s, d = q.shape
@@ -517,6 +527,9 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dpk = torch.empty(b, nkv, p, d, dtype=torch.float32, device=q.device)  # per batch row, summed below if shared
     dpv = torch.empty_like(dpk)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv))
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("dropout needs the forward's seed tensor")
+    seed = lengths if seed is None else seed  # without dropout the kernels never read it: any int32 pointer
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0, num_warps=num_warps,
                 num_stages=num_stages)  # fmt: skip
     prefix_attn_bwd_dq[forward_grid(b, n, s, block_m)](q, k, v, pk, pv, out, do, lse, delta, lengths, dq, *common, *_strides(out),

@@ -104,9 +104,14 @@ def _reference(dtype, dropout_p=0.0, dropout_mask=None):
     return fn
 
 
-def _kernel(dropout_p=0.0, seed=0):
+def _kernel(dropout_p=0.0, seed: int | torch.Tensor = 0):
     """The op with a known dropout seed (prefix_attn would draw one)."""
-    return lambda q, k, v, pk, pv, lengths, causal: torch.ops.edgetune.prefix_attn(q, k, v, pk, pv, lengths, causal, q.shape[-1] ** -0.5, dropout_p, seed)[0]  # fmt: skip
+
+    def fn(q, k, v, pk, pv, lengths, causal):
+        s = torch.tensor([seed], dtype=torch.int32, device=q.device) if isinstance(seed, int) else seed
+        return torch.ops.edgetune.prefix_attn(q, k, v, pk, pv, lengths, causal, q.shape[-1] ** -0.5, dropout_p, s if dropout_p else None)[0]  # fmt: skip
+
+    return fn
 
 
 @triton.jit
@@ -227,7 +232,7 @@ def _same_as_the_op(c: Case, dropout_p: float) -> None:
     op's registered autograd, dropout included (prefix_attn draws its seed from torch's generator)."""
     tensors, lengths, grad_out = _inputs(c, "cpu")
     torch.manual_seed(7)
-    seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p else 0
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32)  # prefix_attn's draw
 
     def through_prefix_attn(q, k, v, pk, pv, lengths, causal):
         torch.manual_seed(7)
@@ -248,6 +253,32 @@ def test_interpreted_prefix_attn_autograd_is_the_ops():
 
 def test_prefix_attn_autograd_is_the_ops_on_the_reference_path():
     _same_as_the_op(Case(n=4, nkv=2, s=17, p=20, d=8, causal=True, lengths=(17, 6)), dropout_p=0.0)  # d=8: reference
+
+
+def _compiles_in_one_graph(c: Case, dropout_p: float) -> None:
+    """torch.compile(fullgraph=True) traces prefix_attn without a graph break (the dropout seed is a tensor drawn in
+    the graph, not a Python int), and gives exactly eager's output and gradients from the same torch seed."""
+    tensors, lengths, grad_out = _inputs(c, "cpu")
+
+    def attend(q, k, v, pk, pv, lengths, causal):
+        return prefix_attn(q, k, v, pk, pv, lengths, causal, dropout_p=dropout_p)
+
+    torch._dynamo.reset()
+    runs = []
+    for fn in (attend, torch.compile(attend, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(11)
+        runs.append(_run(fn, tensors, lengths, grad_out, c.causal))
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), *runs, strict=True):
+        assert torch.equal(a, b), name
+
+
+@interpreted
+def test_interpreted_dropout_compiles_in_one_graph():
+    _compiles_in_one_graph(Case(n=4, nkv=2, s=17, p=20, causal=True, lengths=(17, 6)), dropout_p=0.25)
+
+
+def test_prefix_attn_compiles_in_one_graph_on_the_reference_path():
+    _compiles_in_one_graph(Case(n=4, nkv=2, s=17, p=20, d=8, lengths=(17, 6)), dropout_p=0.0)  # d=8: reference
 
 
 @interpreted
@@ -305,13 +336,13 @@ def test_interpreted_op_registration():
     """torch.library's own checks of the fake (shapes/strides) and autograd registrations, on the interpreted kernels."""
     (q, k, v, pk, pv), lengths, _ = _inputs(Case(b=2, s=5, p=3, lengths=(5, 2)), "cpu")
     inputs = [t.requires_grad_() for t in (q, k, v, pk, pv)]
-    torch.library.opcheck(torch.ops.edgetune.prefix_attn.default, (*inputs, lengths, False, 0.125, 0.0, 0))
+    torch.library.opcheck(torch.ops.edgetune.prefix_attn.default, (*inputs, lengths, False, 0.125, 0.0, None))
 
 
 def test_op_registration_on_the_reference_path():
     (q, k, v, pk, pv), lengths, _ = _inputs(Case(b=2, n=4, nkv=2, s=5, p=3, d=8, lengths=(5, 0)), "cpu")  # d=8: reference
     inputs = [t.requires_grad_() for t in (q, k, v, pk, pv)]
-    torch.library.opcheck(torch.ops.edgetune.prefix_attn.default, (*inputs, lengths, True, 0.3, 0.0, 0))
+    torch.library.opcheck(torch.ops.edgetune.prefix_attn.default, (*inputs, lengths, True, 0.3, 0.0, None))
 
 
 def test_reference_path_on_cpu_without_interpreter():
@@ -367,7 +398,7 @@ def test_training_kernels_compile_for_sm90():
     for fn, dtype, constexprs, (warps, stages) in jobs:
         signature = {
             a: "constexpr" if a in constexprs
-            else "*i32" if a == "Lens" else "*fp32" if a in fp32_pointers else f"*{names[dtype]}" if a[0].isupper()
+            else "*i32" if a in ("Lens", "Seed") else "*fp32" if a in fp32_pointers else f"*{names[dtype]}" if a[0].isupper()
             else "fp32" if a in ("scale", "dropout_p") else "i32"
             for a in fn.arg_names
         }  # fmt: skip
@@ -420,6 +451,35 @@ def test_gpu_kernel_matches_float64(case):
 @pytest.mark.parametrize("case", [Case(**{**c.__dict__, "dtype": dt}) for c in DROPOUT_CASES for dt in DTYPES], ids=str)
 def test_gpu_dropout_matches_float64_with_the_same_mask(case):
     check_against_float64(case, "cuda", dropout_p=0.25, seed=1234)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_dropout_is_drawn_afresh_on_every_cuda_graph_replay():
+    """A training step captured in a CUDA graph must not repeat the captured dropout mask: prefix_attn draws its seed
+    on the device, so each replay drops other weights (the forward and its backward still agree: the float64 tests)."""
+    (q, k, v, pk, pv), lengths, grad_out = _inputs(Case(n=4, s=64, p=16, d=64, lengths=(64, 40), dtype=torch.float16), "cuda")
+    q.requires_grad_()
+
+    def step():
+        out = prefix_attn(q, k, v, pk, pv, lengths, dropout_p=0.5)
+        return out, torch.autograd.grad(out, q, grad_out)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, dq = step()
+    runs = []
+    for _ in range(2):
+        graph.replay()
+        runs.append((out.clone(), dq.clone()))
+    torch.cuda.synchronize()
+    assert not torch.equal(runs[0][0], runs[1][0]) and not torch.equal(runs[0][1], runs[1][1])
+    assert _max_err(runs[0][0].float(), runs[1][0].float()) > 0.1
 
 
 @pytest.mark.gpu
