@@ -11,7 +11,7 @@
 #   warm           kernels.bench with 2 iterations: compiles every kernel the timed run uses (triton's disk cache)
 # Phase B, one at a time (timed):
 #   kernels_bench  python -m kernels.bench: kernel vs SDPA over the concatenation / without a prefix, training step at
-#                  batch 32 and 128 (SWEEP=1 adds the block sweep, as in PART=triton)
+#                  batch 32 and 128, sequences 128-2048 (SWEEP=1 adds the block sweep, as in PART=triton)
 #   prefix_op      python -m bench.prefix_op: CUDA parity of the custom-op graph, batch 1 x 128 latency with I/O binding
 #   serve          the server on the CUDA provider with the export: /ready names the graph it chose, one /predict
 # Every stage has its own time limit and runs whatever the others did; $OUT gets stages.txt (stage, exit status,
@@ -51,6 +51,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $LOGS/NAME
 } 2>&1 | tee "$OUT/logs.txt"
 
 PYTEST="python3 -m pytest -q -p no:cacheprovider -o addopts="
+SEQS="--seqs 128 256 512 1024 2048 --plot $OUT/kernels_seq.png"  # the sequence sweep at 4096 tokens, and its plot
 if [ "$PART" = triton ]; then
   stage kernel_tests 200 $PYTEST -n 8 -m gpu tests/test_kernels.py &
   for i in ${SWEEP_SHARDS:-0}; do  # SWEEP_SHARDS="0 1 2 3": compile the sweep in 4 processes (triton's disk cache)
@@ -58,7 +59,7 @@ if [ "$PART" = triton ]; then
       --sweep-shard "$i/$(wc -w <<<"${SWEEP_SHARDS:-0}")" --train-batches 32 128 &
   done
   wait
-  stage kernels_bench 150 python3 -m kernels.bench ${SWEEP:+--sweep} --train-batches 32 128 --out "$OUT/kernels_bench.json"
+  stage kernels_bench 180 python3 -m kernels.bench ${SWEEP:+--sweep} --train-batches 32 128 $SEQS --out "$OUT/kernels_bench.json"
   [ -z "${PROFILE:-}" ] || stage profile 60 python3 -m kernels.bench --profile-step --out /tmp/profile.json
   exit 0
 fi
@@ -75,7 +76,7 @@ stage train_export 220 bash -c train_export &
 stage warm 200 python3 -m kernels.bench --out /tmp/warm.json --warmup 1 --iters 2 ${SWEEP:+--sweep} --train-batches 32 128 &
 wait
 
-stage kernels_bench 150 python3 -m kernels.bench ${SWEEP:+--sweep} --train-batches 32 128 --out "$OUT/kernels_bench.json"
+stage kernels_bench 180 python3 -m kernels.bench ${SWEEP:+--sweep} --train-batches 32 128 $SEQS --out "$OUT/kernels_bench.json"
 stage prefix_op 180 python3 -m bench.prefix_op "$RUN" "$OUT/prefix_op_bench.json"
 
 serve_check() {  # the real server process on the CUDA provider, one request

@@ -15,13 +15,18 @@ achieved TFLOP/s (graph time):
 Then one P-tuning v2 training step (forward, loss, backward, AdamW) of a MiniLM-shaped PrefixModel from train/ (random
 weights, bf16 autocast as train/loop.py) with the kernel against the SDPA concat path, with attention dropout (as in
 training) and without, launched from Python and replayed from a CUDA graph, at each of --train-batches x sequence.
+``--seqs`` adds a sweep over sequence lengths at a constant token count (batch x sequence as the defaults'): the kernel,
+the concatenation and SDPA without a prefix, CUDA-graph time and achieved TFLOP/s, forward and forward+backward.
 ``--sweep`` adds the forward kernel's time (CUDA graph) for other (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_P)
 than `forward_config` picks; ``--profile-step`` prints torch.profiler's tables of the training step instead.
+``--report FILE.json`` reprints a saved report without a GPU, and ``--plot FILE.png`` draws its sequence sweep
+(achieved TFLOP/s against sequence length; needs matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import statistics
@@ -124,25 +129,63 @@ def attention_variants(b: int, n: int, s: int, p: int, d: int, dtype: torch.dtyp
 BASELINE = {"triton_dropout": "sdpa_concat_dropout", "sdpa_concat_dropout": "sdpa_concat_dropout"}  # else sdpa_concat_mask
 
 
+def _tflops(row: dict, flops: float) -> dict:
+    """Add achieved TFLOP/s (from the graph times) to a row: 4 * B * N * S * keys * D forward (two matmuls; the
+    backward does 2.5x the forward's)."""
+    for key, factor in (("fwd", 1.0), ("fwd_bwd", 3.5)):
+        if isinstance(row.get(f"{key}_graph_ms"), float):
+            row[f"{key}_tflops"] = factor * flops / row[f"{key}_graph_ms"] / 1e9
+    return row
+
+
+def _speedups(rows: dict, keys: tuple[str, ...]) -> dict:
+    """Add each row's speed-up over its baseline (BASELINE, else SDPA over the concatenation) for every time in keys."""
+    for name, r in rows.items():
+        base = rows[BASELINE.get(name, "sdpa_concat_mask")]
+        for key in keys:
+            if isinstance(r.get(key), float) and isinstance(base.get(key), float):
+                r[key.replace("_ms", "_speedup_vs_concat")] = base[key] / r[key]
+    return rows
+
+
 def bench_attention(args: argparse.Namespace, d: int) -> dict:
     b, n, s, p = args.batch, args.heads, args.seq, args.prefix
     rows = {}
     for name, (fwd, fwd_bwd, keys) in attention_variants(b, n, s, p, d, DTYPES[args.dtype]).items():
-        flops = 4 * b * n * s * keys * d  # two matmuls; the backward does 2.5x the forward's
         with torch.no_grad():
             fwd_ms, fwd_graph = _timings(fwd, args)
         both_ms, both_graph = _timings(fwd_bwd, args)
-        rows[name] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms, "fwd_graph_ms": fwd_graph, "fwd_bwd_graph_ms": both_graph}
-        if isinstance(fwd_graph, float):
-            rows[name]["fwd_tflops"] = flops / fwd_graph / 1e9
-        if isinstance(both_graph, float):
-            rows[name]["fwd_bwd_tflops"] = 3.5 * flops / both_graph / 1e9
-    for name, r in rows.items():
-        base = rows[BASELINE.get(name, "sdpa_concat_mask")]
-        for key in ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms"):
-            if isinstance(r[key], float) and isinstance(base[key], float):
-                r[key.replace("_ms", "_speedup_vs_concat")] = base[key] / r[key]
-    return rows
+        row = {"fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms, "fwd_graph_ms": fwd_graph, "fwd_bwd_graph_ms": both_graph}
+        rows[name] = _tflops(row, 4 * b * n * s * keys * d)
+    return _speedups(rows, ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms"))
+
+
+SEQ_SWEEP = ("triton_prefix", "sdpa_concat_mask", "sdpa_seq_mask", "sdpa_seq_nomask")
+
+
+def sweep_sequence(args: argparse.Namespace, d: int) -> list[dict]:
+    """For each of args.seqs: batch = args.batch * args.seq // seq (the same token count), the SEQ_SWEEP variants'
+    CUDA-graph ms and TFLOP/s, forward and forward+backward, with speed-ups over the concatenation."""
+    n, p = args.heads, args.prefix
+    points = []
+    for s in args.seqs:
+        b = max(1, args.batch * args.seq // s)
+        variants = attention_variants(b, n, s, p, d, DTYPES[args.dtype])
+        rows = {}
+        for name in SEQ_SWEEP:
+            fwd, fwd_bwd, keys = variants[name]
+            row = {}
+            for key, fn in (("fwd_graph_ms", fwd), ("fwd_bwd_graph_ms", fwd_bwd)):
+                try:
+                    with torch.no_grad() if key == "fwd_graph_ms" else contextlib.nullcontext():
+                        row[key] = graph_ms(fn)
+                except Exception as e:  # noqa: BLE001 - recorded, the other points still run
+                    row[key] = f"{type(e).__name__}: {e}"[:300]
+            rows[name] = _tflops(row, 4 * b * n * s * keys * d)
+        points.append({"seq": s, "batch": b, "rows": _speedups(rows, ("fwd_graph_ms", "fwd_bwd_graph_ms"))})
+        del variants
+        torch.cuda.empty_cache()
+    return points
 
 
 SWEEP = [(bm, bn, w, st, bp) for bm, bn, w in ((32, 32, 4), (64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 32, 8),
@@ -263,7 +306,7 @@ def profile_training_step(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    ap.add_argument("--out", type=Path, help="JSON file to write (required unless --report)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--seq", type=int, default=128)
@@ -277,7 +320,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep", action="store_true", help="also time the forward kernel's other block configurations")
     ap.add_argument("--sweep-shard", default="0/1", help="I/N: sweep every N-th configuration from the I-th")
     ap.add_argument("--profile-step", action="store_true", help="only profile the training step (torch.profiler tables)")
+    ap.add_argument("--seqs", type=int, nargs="+", default=[], help="also sweep these sequence lengths (same token count)")
+    ap.add_argument("--report", type=Path, help="print this saved report (and --plot it) instead of running: no GPU needed")
+    ap.add_argument("--plot", type=Path, help="PNG of the sequence sweep's achieved TFLOP/s (needs matplotlib)")
     args = ap.parse_args(argv)
+    if args.report is not None:
+        report = json.loads(args.report.read_text())
+        print(format_report(report))
+        if args.plot:
+            plot_sequence_sweep(report, args.plot)
+            print(f"wrote {args.plot}")
+        return
+    if args.out is None:
+        ap.error("--out is required (or --report to reprint a saved report)")
     if not torch.cuda.is_available():
         sys.exit("kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False): run it on a GPU machine")
     if args.profile_step:
@@ -290,19 +345,25 @@ def main(argv: list[str] | None = None) -> None:
         "attention": {f"d{d}": bench_attention(args, d) for d in args.head_dims},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))  # the attention rows survive a failing training step or sweep
+    args.out.write_text(json.dumps(report, indent=2))  # each part is saved as it completes: a later failure keeps it
     if not args.no_train_step:
         report["train_step"] = [bench_training_step(args, batch) for batch in args.train_batches]
+        args.out.write_text(json.dumps(report, indent=2))
+    if args.seqs:
+        report["seq_sweep"] = {f"d{d}": sweep_sequence(args, d) for d in args.head_dims}
+        args.out.write_text(json.dumps(report, indent=2))
     if args.sweep:
         report["sweep"] = {f"d{d}": sweep_forward(args, d) for d in args.head_dims}
-    args.out.write_text(json.dumps(report, indent=2))
+        args.out.write_text(json.dumps(report, indent=2))
     print(format_report(report))
+    if args.plot:
+        plot_sequence_sweep(report, args.plot)
     print(f"wrote {args.out}")
 
 
 def format_report(report: dict) -> str:
     """The attention rows (ms and speed-up over SDPA-over-concat, eager launch / CUDA graph), what the prefix costs
-    the kernel, the training step, the sweep's five fastest."""
+    the kernel, the training step, the sequence sweep, the block sweep's five fastest."""
 
     def num(x, spec):
         return format(x, spec) if isinstance(x, float) else "-".rjust(int(spec.split(".")[0] or 1))
@@ -326,10 +387,53 @@ def format_report(report: dict) -> str:
                          f"{num(k['step_ms'], '.3f')} / {num(k['graph_step_ms'], '.3f')}, SDPA concat {num(c['step_ms'], '.3f')} / "
                          f"{num(c['graph_step_ms'], '.3f')}; x concat {num(k.get('step_speedup_vs_concat'), '.2f')} / "
                          f"{num(k.get('graph_step_speedup_vs_concat'), '.2f')}")  # fmt: skip
+    for d, points in report.get("seq_sweep", {}).items():
+        lines.append(f"sequence sweep {d}, CUDA graph ms forward / forward+backward (x concat):")
+        for pt in points:
+            cells = [f"{name} {num(r.get('fwd_graph_ms'), '.4f')} / {num(r.get('fwd_bwd_graph_ms'), '.4f')} "
+                     f"({num(r.get('fwd_graph_speedup_vs_concat'), '.2f')} / {num(r.get('fwd_bwd_graph_speedup_vs_concat'), '.2f')})"
+                     for name, r in pt["rows"].items()]  # fmt: skip
+            lines.append(f"  {pt['batch']:>4} x {pt['seq']:<5} " + ", ".join(cells))
     for d, rows in report.get("sweep", {}).items():
         ok = sorted((r["fwd_graph_ms"], name) for name, r in rows.items() if "fwd_graph_ms" in r)
         lines.append(f"sweep {d}: " + ", ".join(f"{name} {ms:.4f}" for ms, name in ok[:5]))
     return "\n".join(lines)
+
+
+def plot_sequence_sweep(report: dict, path: Path) -> None:
+    """Achieved TFLOP/s against sequence length, one panel per head dim and direction (forward; forward+backward),
+    a line per variant; points whose capture failed are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = report.get("seq_sweep")
+    if not sweeps:
+        raise ValueError("the report has no sequence sweep (run kernels.bench with --seqs)")
+    fig, axes = plt.subplots(2, len(sweeps), figsize=(5 * len(sweeps), 7), squeeze=False)
+    cfg = report.get("config", {})
+    for col, (d, points) in enumerate(sweeps.items()):
+        for row, (key, title) in enumerate((("fwd_tflops", "forward"), ("fwd_bwd_tflops", "forward+backward"))):
+            ax = axes[row][col]
+            for name in points[0]["rows"]:
+                xs = [pt["seq"] for pt in points if isinstance(pt["rows"][name].get(key), float)]
+                ys = [pt["rows"][name][key] for pt in points if isinstance(pt["rows"][name].get(key), float)]
+                label = name + (" (baseline)" if name == "sdpa_concat_mask" else "")
+                ax.plot(xs, ys, marker="o", label=label, linewidth=2.5 if name == "triton_prefix" else 1.5)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([pt["seq"] for pt in points], [str(pt["seq"]) for pt in points])
+            ax.set_xlabel("sequence length (batch x length constant)")
+            ax.set_ylabel("achieved TFLOP/s")
+            ax.set_title(f"{title}, head dim {d[1:]}")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{report.get('device', '?')}, {cfg.get('dtype', '?')}, {cfg.get('heads', '?')} heads, prefix "
+                 f"{cfg.get('prefix', '?')}, CUDA-graph time")  # fmt: skip
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

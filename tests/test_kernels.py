@@ -9,6 +9,7 @@ error of the same computation in the input dtype in PyTorch, plus a small absolu
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -424,6 +425,32 @@ def test_bench_report_prints_every_row_and_the_prefix_cost():
     assert all(name in text for name in rows) and "1.20x the kernel without a prefix" in text
     assert "x concat - / 1.25" in text and "sweep d64: bm64_bn64_w4_s3_bp16 0.0114" in text
     assert [line for line in text.splitlines() if "sdpa_concat_dropout" in line][0].split()[5] == "-"
+
+
+def test_bench_sequence_sweep_reprints_and_plots_without_a_gpu(tmp_path, capsys):
+    """A saved report's sequence sweep: its table and its TFLOP/s plot come back on a CPU machine (`--report`), a
+    failed capture left out of the plot; a report without a sweep is refused by name."""
+    from kernels.bench import main
+
+    def point(seq, ms):
+        rows = {name: {"fwd_graph_ms": ms * f, "fwd_bwd_graph_ms": 6 * ms * f, "fwd_tflops": 10 / f, "fwd_bwd_tflops": 8 / f,
+                       "fwd_graph_speedup_vs_concat": 6.0 / f} for name, f in (("triton_prefix", 1), ("sdpa_concat_mask", 6))}  # fmt: skip
+        rows["sdpa_seq_nomask"] = {"fwd_graph_ms": "RuntimeError: capture", "fwd_bwd_graph_ms": 0.05}
+        return {"seq": seq, "batch": 4096 // seq, "rows": rows}
+
+    report = {"device": "NVIDIA H100", "config": {"dtype": "fp16", "heads": 12, "prefix": 16}, "attention": {},
+              "seq_sweep": {f"d{d}": [point(s, 0.01 * s / 128) for s in (128, 256, 512)] for d in (32, 64)}}  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    main(["--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
+    text = capsys.readouterr().out
+    assert "sequence sweep d64" in text and "  16 x 256   triton_prefix 0.0200 / 0.1200 (6.00 / -)" in text
+    assert "sdpa_seq_nomask - / 0.0500" in text
+    png = (tmp_path / "p.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    del report["seq_sweep"]
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="no sequence sweep"):
+        main(["--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "q.png")])
 
 
 # ---------------------------------------------------------------------------------------------------------------
