@@ -6,6 +6,7 @@
 #
 # Phase A, in parallel (correctness; none of it is timed):
 #   kernel_tests   the gpu-marked tests of tests/test_kernels.py (compiled kernels against float64, dropout, training path)
+#                  and of tests/test_train.py (CUDA-graph training steps against eager)
 #   op_tests       the gpu-marked tests of tests/test_prefix_op.py and the library-loading test (its GPU branch)
 #   train_export   a 1-epoch P-tuning v2 MiniLM run trained on the GPU, exported (CPU gates, model.prefix_op.onnx)
 #   warm           kernels.bench with 2 iterations: compiles every kernel the timed run uses (triton's disk cache)
@@ -13,6 +14,7 @@
 #   kernels_bench  python -m kernels.bench: kernel vs SDPA over the concatenation / without a prefix, training step at
 #                  batch 32 and 128, sequences 128-2048 (SWEEP=1 adds the block sweep, as in PART=triton)
 #   prefix_op      python -m bench.prefix_op: CUDA parity of the custom-op graph, batch 1 x 128 latency with I/O binding
+#   graph_train    one epoch of the default run eager, then with cuda_graphs=true (train/graphs.py): graph_train.json
 #   serve          the server on the CUDA provider with the export: /ready names the graph it chose, one /predict
 # Every stage has its own time limit and runs whatever the others did; $OUT gets stages.txt (stage, exit status,
 # seconds), logs.txt (every stage's output), kernels_bench.json, prefix_op_bench.json, manifest.json.
@@ -70,7 +72,7 @@ train_export() {
     cp "$RUN/export/manifest.json" "$OUT/"
 }
 export -f train_export  # run by `timeout` through bash -c
-stage kernel_tests 220 $PYTEST -n 8 -m gpu tests/test_kernels.py &
+stage kernel_tests 220 $PYTEST -n 8 -m gpu tests/test_kernels.py tests/test_train.py &
 stage op_tests 220 $PYTEST tests/test_prefix_op.py -k "cuda_prefix_op or library_loads_without_cuda" &
 stage train_export 220 bash -c train_export &
 stage warm 200 python3 -m kernels.bench --out /tmp/warm.json --warmup 1 --iters 2 ${SWEEP:+--sweep} --train-batches 32 128 &
@@ -78,6 +80,22 @@ wait
 
 stage kernels_bench 180 python3 -m kernels.bench ${SWEEP:+--sweep} --train-batches 32 128 $SEQS --out "$OUT/kernels_bench.json"
 stage prefix_op 180 python3 -m bench.prefix_op "$RUN" "$OUT/prefix_op_bench.json"
+
+graph_train() {  # one epoch of the default run, eager then cuda_graphs=true: seconds per epoch and accuracy
+  for mode in eager graphs; do
+    python3 -m train --run "/tmp/runs/$mode" epochs=1 cuda_graphs=$([ $mode = graphs ] && echo true || echo false) 2>&1 |
+      grep -v "batch/s" || return 1
+  done
+  python3 - <<'EOF' | tee "$OUT/graph_train.json"
+import json
+keys = ("seconds_per_epoch", "samples_per_second", "test_accuracy", "peak_memory_mb")
+rows = {m: {k: json.load(open(f"/tmp/runs/{m}/metrics.json"))[k] for k in keys} for m in ("eager", "graphs")}
+rows["epoch_speedup"] = rows["eager"]["seconds_per_epoch"] / rows["graphs"]["seconds_per_epoch"]
+print(json.dumps(rows, indent=1))
+EOF
+}
+export -f graph_train
+stage graph_train 120 bash -c graph_train
 
 serve_check() {  # the real server process on the CUDA provider, one request
   python3 -m serve --export "$RUN/export" --provider cuda --port 8099 &

@@ -59,3 +59,84 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert, method):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 2
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
+
+
+def _no_dropout_model(tiny_bert, method: str, device: str = "cpu"):
+    from train.config import load_config
+    from train.model import build_model
+
+    model = build_model(load_config(None, [f"method={method}", f"base_model={tiny_bert}"]), [f"L{i}" for i in range(5)], seed=0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model.to(device)
+
+
+@pytest.mark.parametrize("method", ["p_tuning_v2", "lora", "prompt_tuning"])
+def test_cuda_graph_padding_leaves_the_logits_alone(tiny_bert, method):
+    """cuda_graphs pads batches to a multiple of 16 tokens (masked): the logits must not move, and the width never
+    exceeds max(S, max_length)."""
+    from tests.helpers import padded_batch
+    from train.graphs import SEQ_MULTIPLE, pad_length
+
+    ids, mask = padded_batch(tiny_bert)
+    wide_ids, wide_mask = pad_length(ids, mask, 0, 64)
+    assert wide_ids.shape[1] % SEQ_MULTIPLE == 0 and wide_ids.shape[1] > ids.shape[1]
+    assert torch.equal(wide_ids[:, : ids.shape[1]], ids) and (wide_mask[:, ids.shape[1] :] == 0).all()
+    assert pad_length(ids, mask, 0, ids.shape[1])[0].shape == ids.shape  # max_length caps the padding
+    model = _no_dropout_model(tiny_bert, method).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(wide_ids, wide_mask), model(ids, mask), atol=1e-5)
+
+
+def test_cuda_graphs_is_refused_where_it_cannot_run(tmp_path, tiny_bert):
+    from train.config import load_config
+    from train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="device=cpu"):
+        load_config(None, ["cuda_graphs=true", "device=cpu"])
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        load_config(None, ["cuda_graphs=true", "gradient_checkpointing=true"])
+    if not torch.cuda.is_available():  # the GPU's side: test_gpu_cuda_graph_training_equals_eager
+        with pytest.raises(ConfigError, match="none was found"):
+            train_small(tmp_path / "run", "p_tuning_v2", str(tiny_bert), ["cuda_graphs=true"])
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["p_tuning_v2", "lora"])
+def test_gpu_cuda_graph_training_equals_eager(tiny_bert, method):
+    """Four optimiser steps through GraphedForward (4-row batches of two padded shapes, the first captured and then
+    replayed with other rows; then a 3-row batch, eager) reach the same weights as eager steps (dropout off, fp32)."""
+    from tests.helpers import SENTENCES, padded_batch
+    from train.graphs import GraphedForward, pad_length
+
+    rows = (SENTENCES[:4], SENTENCES[1:], SENTENCES[3::-1])  # padded to 32, 16 and 32 tokens
+    batches = [pad_length(*padded_batch(tiny_bert, texts), 0, 64) for texts in rows] + [padded_batch(tiny_bert, SENTENCES[:3])]
+    labels = torch.tensor([0, 1, 2, 3])
+    weights = []
+    for graphs in (False, True):
+        model = _no_dropout_model(tiny_bert, method, "cuda").train()
+        net = GraphedForward(model, batch_size=4) if graphs else model
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for ids, mask in batches:
+            opt.zero_grad(set_to_none=True)
+            logits = net(ids.cuda(), mask.cuda())
+            torch.nn.functional.cross_entropy(logits, labels[: len(ids)].cuda()).backward()
+            opt.step()
+        if graphs:
+            assert list(net.graphs) == [(4, 32), (4, 16)]
+        weights.append({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
+    for name, w in weights[0].items():
+        assert torch.allclose(w, weights[1][name], atol=1e-5), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_training_run_with_cuda_graphs(tmp_path, tiny_bert):
+    """The loop's side (padding, autocast without its weight cache, the eager last batch): a run trains and learns."""
+    run = train_small(tmp_path / "run", "p_tuning_v2", str(tiny_bert), ["cuda_graphs=true", "device=cuda", "batch_size=24"])
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["history"][0]["train_loss"] == m["history"][0]["train_loss"]  # finite
+    assert m["cuda_graph_shapes"] and all(b == 24 and s % 16 == 0 for b, s in m["cuda_graph_shapes"])

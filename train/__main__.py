@@ -76,6 +76,7 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
         "samples_per_second": result.samples_per_second,
         "peak_memory_mb": result.peak_memory_mb,
         "bf16": result.bf16,
+        "cuda_graph_shapes": [list(shape) for shape in result.cuda_graph_shapes],  # empty unless cuda_graphs=true
         "device": str(pick_device(cfg)),
         "torch_threads": torch.get_num_threads(),
         "world_size": dist.world_size(),

@@ -71,6 +71,9 @@ class RunConfig:
     bf16: str = "auto"  # auto (on where the hardware has native bf16) | true | false
     device: str = "auto"  # auto | cpu | cuda
     gradient_checkpointing: bool = False  # recompute encoder layers in the backward pass: less memory, ~30 % slower steps
+    # GPU only: replay each batch shape's forward+backward from a CUDA graph (batches padded to a multiple of 16 tokens);
+    # a small model's eager GPU step is bound by Python's launch cost (train/graphs.py)
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -105,6 +108,10 @@ class RunConfig:
             raise ConfigError(f"bf16={self.bf16!r} must be auto, true or false")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r} must be auto, cpu or cuda")
+        if self.cuda_graphs and self.device == "cpu":
+            raise ConfigError("cuda_graphs=true needs a CUDA GPU, and device=cpu was asked for")
+        if self.cuda_graphs and self.gradient_checkpointing:
+            raise ConfigError("cuda_graphs=true and gradient_checkpointing=true do not combine: pick one")
         for name in ("epochs", "batch_size", "max_length", "lora_r", "num_virtual_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")

@@ -13,6 +13,10 @@ class DataError(EdgetuneError):
     """A missing, empty or malformed data file."""
 
 
+class TrainError(EdgetuneError):
+    """Training could not run as configured."""
+
+
 class AdapterError(EdgetuneError):
     """A missing, corrupt or incompatible adapter folder."""
 

@@ -15,6 +15,8 @@ from tqdm import tqdm
 from train import dist
 from train.config import RunConfig
 from train.data import Encoded, bucketed_batches, collate, eval_batches
+from train.errors import ConfigError
+from train.graphs import GraphedForward, pad_length
 from train.model import adapter_parameters, head_parameters
 from train.prefix import PrefixModel
 from train.tagging import TagEncoded, collate_words, decode_tags, entity_metrics, full_tags, gather_words
@@ -130,6 +132,7 @@ class TrainResult:
     samples_per_second: float
     peak_memory_mb: float
     bf16: bool
+    cuda_graph_shapes: list[tuple[int, ...]]  # the (B, S) shapes captured with cuda_graphs=true
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -148,9 +151,12 @@ def train(
     Under torchrun, the processes share every global batch (see train/dist.py).
     """
     device = dist.local_device(pick_device(cfg))
+    if cfg.cuda_graphs and (device.type != "cuda" or dist.world_size() > 1):
+        why = "torchrun's data parallelism" if device.type == "cuda" else "a CUDA GPU (none was found)"
+        raise ConfigError(f"cuda_graphs=true is for one process on a CUDA GPU; this run has {why}")
     dist.setup(device)
     model.to(device)
-    net = dist.wrap(model, device)
+    net = GraphedForward(model, cfg.batch_size) if cfg.cuda_graphs else dist.wrap(model, device)
     bf16 = use_bf16(cfg, device)
     head, adapter = head_parameters(model), adapter_parameters(model)
     groups = [{"params": adapter, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
@@ -185,12 +191,18 @@ def train(
         for n, batch in enumerate(bar, 1):
             idx, scale = dist.shard(batch)
             ids, mask = collate([train_data.input_ids[i] for i in idx], pad_id)
+            if cfg.cuda_graphs:  # a few shapes, each captured once
+                ids, mask = pad_length(ids, mask, pad_id, cfg.max_length)
             if tagging:
                 target = tuple(t.to(device) for t in collate_words([train_data.word_index[i] for i in idx],
                                                                   [train_data.labels[i] for i in idx]))  # fmt: skip
             else:
                 target = torch.tensor([train_data.labels[i] for i in idx], device=device)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            autocast = (  # a CUDA graph cannot keep autocast's per-step weight cache
+                torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cfg.cuda_graphs)
+                if bf16
+                else contextlib.nullcontext()
+            )
             with autocast:
                 logits = net(ids.to(device), mask.to(device))
             loss = batch_loss(model, logits, target, cfg, class_weight)
@@ -228,5 +240,12 @@ def train(
             params[k].copy_(v)
     epochs_run = len(history)
     return TrainResult(
-        best_epoch, dev, history, train_seconds / epochs_run, seen / max(train_seconds, 1e-9), _peak_memory_mb(device), bf16
+        best_epoch,
+        dev,
+        history,
+        train_seconds / epochs_run,
+        seen / max(train_seconds, 1e-9),
+        _peak_memory_mb(device),
+        bf16,
+        list(net.graphs) if isinstance(net, GraphedForward) else [],
     )
