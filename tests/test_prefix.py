@@ -73,3 +73,22 @@ def test_prompt_methods_train_export_and_load_in_peft(tmp_path, tiny_bert, metho
     m = export_run(run, int8=False)
     assert m["parity"]["max_abs_diff"] <= 1e-4 and m["parity"]["argmax_agree"] == 1.0 and m["parity"]["adapter_effect"] > 1e-3
     assert m["num_virtual_tokens"] == 16 and m["max_positions"] == 128 - 16
+
+
+def test_prefix_is_cast_once_with_the_gradients_of_per_layer_casts():
+    """Under autocast PrefixModel casts the whole prefix table once and splits it with one unbind: the per-layer
+    keys/values and the table's gradient must be exactly those of casting each layer's slice."""
+    from train.prefix import PrefixEncoder
+
+    torch.manual_seed(0)
+    enc = PrefixEncoder(num_virtual_tokens=5, num_layers=3, num_heads=2, hidden=8)
+    weights = torch.randn(6, 1, 2, 5, 4)  # one per key/value tensor
+    grads = []
+    for once in (True, False):
+        enc.zero_grad()
+        kv = enc.kv(torch.bfloat16) if once else [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in enc.kv()]
+        flat = [t for pair in kv for t in pair]
+        assert all(t.dtype == torch.bfloat16 and t.shape == (1, 2, 5, 4) for t in flat)
+        sum((t.float() * w).sum() for t, w in zip(flat, weights, strict=True)).backward()
+        grads.append(enc.embedding.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0

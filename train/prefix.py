@@ -22,11 +22,12 @@ ATTN_SDPA = "edgetune_sdpa"  # training and the eager model (export/attention.py
 
 
 def split_prefix_table(table: torch.Tensor, num_layers: int, num_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Turn PEFT's prefix table (P, 2*L*H) into per-layer (keys, values), each (1, N, P, D)."""
+    """Turn PEFT's prefix table (P, 2*L*H) into per-layer (keys, values), each (1, N, P, D): views, split by one
+    unbind (whose backward is one stack, where 2L index ops would each scatter into a zeroed table)."""
     p = table.shape[0]
     kv = table.view(p, 2 * num_layers, num_heads, -1)  # (P, 2L, N, D)
-    kv = kv.permute(1, 2, 0, 3).unsqueeze(1)  # (2L, 1, N, P, D)
-    return [(kv[2 * i], kv[2 * i + 1]) for i in range(num_layers)]
+    kv = kv.permute(1, 2, 0, 3).unsqueeze(1).unbind(0)  # 2L x (1, N, P, D)
+    return list(zip(kv[0::2], kv[1::2], strict=True))
 
 
 class PrefixEncoder(nn.Module):
@@ -48,8 +49,10 @@ class PrefixEncoder(nn.Module):
         t = self.embedding.weight
         return self.transform(t) if self.projection else t
 
-    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return split_prefix_table(self.table(), self.num_layers, self.num_heads)
+    def kv(self, dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (keys, values), each (1, N, P, D), cast to dtype in one go (not once per layer) if given."""
+        table = self.table()
+        return split_prefix_table(table if dtype is None else table.to(dtype), self.num_layers, self.num_heads)
 
 
 class FrozenPrefix(nn.Module):
@@ -62,8 +65,9 @@ class FrozenPrefix(nn.Module):
             self.register_buffer(f"value_{i}", v.detach().clone().contiguous())
         self.num_layers = len(kv)
 
-    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(getattr(self, f"key_{i}"), getattr(self, f"value_{i}")) for i in range(self.num_layers)]
+    def kv(self, dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        kv = [(getattr(self, f"key_{i}"), getattr(self, f"value_{i}")) for i in range(self.num_layers)]
+        return kv if dtype is None else [(k.to(dtype), v.to(dtype)) for k, v in kv]
 
 
 def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, prefix_lengths=None,
@@ -137,7 +141,8 @@ class PrefixModel(nn.Module):
         keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
         kw, virtual = {}, 0
         if self.prefix is not None:
-            kv = self.prefix.kv()
+            device = input_ids.device.type  # under autocast the attention runs in its dtype: cast the prefix once
+            kv = self.prefix.kv(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
             p, s = kv[0][0].shape[2], input_ids.shape[1]
             kw["prefix_kv"] = kv
             if input_ids.is_cuda:  # the kernel's key padding, (B,), once for all layers
