@@ -119,7 +119,7 @@ def test_gpu_cuda_graph_training_equals_eager(tiny_bert, method):
     for graphs in (False, True):
         model = _no_dropout_model(tiny_bert, method, "cuda").train()
         net = GraphedForward(model, batch_size=4) if graphs else model
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)  # Adam would magnify ulps
         for ids, mask in batches:
             opt.zero_grad(set_to_none=True)
             logits = net(ids.cuda(), mask.cuda())
