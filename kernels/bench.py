@@ -189,7 +189,7 @@ def sweep_sequence(args: argparse.Namespace, d: int) -> list[dict]:
 
 
 SWEEP = [(bm, bn, w, st, bp) for bm, bn, w in ((32, 32, 4), (64, 16, 4), (64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 32, 8),
-                                               (128, 64, 8)) for st in (2, 3) for bp in sorted({16, bn})]  # fmt: skip
+                                               (128, 64, 8)) for st in (2, 3) for bp in sorted({0, 16, bn})]  # fmt: skip
 
 
 def sweep_forward(args: argparse.Namespace, d: int) -> dict:

@@ -2,7 +2,9 @@
 
 Prefix keys/values (P positions, always visible) and sequence keys/values (masked by a per-row length, right
 padding, optionally causal) are read from separate tensors: nothing is concatenated and a batch-shared prefix is
-read with batch stride 0. Grouped-query attention: query head h reads key/value head h // kv_group.
+read with batch stride 0. The kernels walk key columns 0 .. P-1 (prefix) then P .. P+S-1 (sequence) in blocks that
+may hold both, choosing each row's source by a pointer select (`_kv_rows`). Grouped-query attention: query head h
+reads key/value head h // kv_group.
 Inputs fp32, fp16 or bf16, accumulation in fp32; head dims 32, 64, 128; any sequence and prefix length.
 A query row with no visible key (length 0 and no prefix) gives zeros and log-sum-exp -inf. For training, optional
 dropout on the attention weights, drawn from a Philox stream that the backward replays.
@@ -53,17 +55,29 @@ def _dropout_keep(seed, bh, row0, cols, seq_len, num_cols, dropout_p, BLOCK_R: t
 
 
 @triton.jit
-def _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, start, end, offs_m, qk_scale,
-                  bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-    """Fold keys start .. start+BLOCK_N-1 of one key/value source (columns col0 + ... of P+S) into the running (max,
-    sum, acc) of a query block, in log2 units; with DROPOUT the weights that multiply V are dropped and rescaled, the
-    softmax sum is not. MASKED: keys at or past `end` (and, CAUSAL, after the query) are hidden; without it every key
-    of the block is visible to every query, and the loads and the softmax skip the masks."""
+def _kv_rows(k_base, stride_ks, pk_base, stride_pks, cols, split, CONCAT: tl.constexpr):
+    """Row pointers (BN,) of key columns `cols`: with CONCAT, columns below `split` are prefix rows and the rest are
+    sequence rows cols - split (the concatenation, never built); otherwise all are rows of k_base."""
+    if CONCAT:
+        return tl.where(cols < split, pk_base + cols * stride_pks, k_base + (cols - split) * stride_ks)
+    return k_base + cols * stride_ks
+
+
+@triton.jit
+def _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, pk_base, pv_base, stride_pks, stride_pvs, split,
+                  start, end, offs_m, qk_scale, bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                  MASKED: tl.constexpr, CONCAT: tl.constexpr):  # fmt: skip
+    """Fold key columns start .. start+BLOCK_N-1 (columns col0 + ... of P+S) into the running (max, sum, acc) of a
+    query block, in log2 units; with DROPOUT the weights that multiply V are dropped and rescaled, the softmax sum is
+    not. The keys are rows of k_base/v_base, or with CONCAT (see `_kv_rows`) the prefix's below column `split` and
+    the sequence's after. MASKED: columns at or past `end` (and, CAUSAL, sequence keys after the query: column >
+    query + split) are hidden; without it every key of the block is visible to every query, and the loads and the
+    softmax skip the masks."""
     cols = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = k_base + cols[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :]
+    k_ptrs = _kv_rows(k_base, stride_ks, pk_base, stride_pks, cols, split, CONCAT)[:, None] + offs_d[None, :]
+    v_ptrs = _kv_rows(v_base, stride_vs, pv_base, stride_pvs, cols, split, CONCAT)[:, None] + offs_d[None, :]
     if MASKED:
         valid = cols < end
         k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)  # (BN, D)
@@ -73,7 +87,7 @@ def _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, start,
     if MASKED:
         keep = valid[None, :]
         if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
+            keep = keep & (cols[None, :] <= offs_m[:, None] + split)
         qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero
@@ -95,22 +109,24 @@ def _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, start,
 
 
 @triton.jit
-def _attend_block_range(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, end, offs_m, qk_scale,
-                        bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
-    """Fold keys 0 .. end-1 of one source into a query block (rows row0 ..): the blocks every row sees in full
-    without masks, then the rest (the padding edge, the causal diagonal) with them."""
+def _attend_block_range(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, pk_base, pv_base, stride_pks, stride_pvs,
+                        split, end, offs_m, qk_scale, bh, row0, seq_len, col0, num_cols, dropout_p, seed,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                        DROPOUT: tl.constexpr, CONCAT: tl.constexpr):  # fmt: skip
+    """Fold key columns 0 .. end-1 (one source, or with CONCAT the prefix then the sequence) into a query block (rows
+    row0 ..): the blocks every row sees in full without masks, then the rest (the padding edge, the causal diagonal)
+    with them."""
     full_end = (end // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        full_end = tl.minimum(full_end, ((row0 + 1) // BLOCK_N) * BLOCK_N)  # key blocks wholly before the first row
+    if CAUSAL:  # key blocks wholly at or before the first row's last visible column
+        full_end = tl.minimum(full_end, ((row0 + split + 1) // BLOCK_N) * BLOCK_N)
     for start in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, start, end, offs_m, qk_scale,
-                                      bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
-                                      DROPOUT, False)  # fmt: skip
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, pk_base, pv_base, stride_pks,
+                                      stride_pvs, split, start, end, offs_m, qk_scale, bh, row0, seq_len, col0, num_cols,
+                                      dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT, False, CONCAT)  # fmt: skip
     for start in range(full_end, end, BLOCK_N):
-        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, start, end, offs_m, qk_scale,
-                                      bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
-                                      DROPOUT, True)  # fmt: skip
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, pk_base, pv_base, stride_pks,
+                                      stride_pvs, split, start, end, offs_m, qk_scale, bh, row0, seq_len, col0, num_cols,
+                                      dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT, True, CONCAT)  # fmt: skip
     return acc, m_i, l_i
 
 
@@ -142,15 +158,23 @@ def _fwd_body(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, m_i, l_i = _attend_block_range(q, acc, m_i, l_i, PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh,
-                                        stride_pks, stride_pvs, prefix_len, offs_m, qk_scale, pid_bh, pid_m * BLOCK_M, seq_len, 0,
-                                        prefix_len + seq_len, dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_P, False, DROPOUT)  # fmt: skip
     end = tl.minimum(tl.load(Lens + b), seq_len)
     if CAUSAL:
         end = tl.minimum(end, (pid_m + 1) * BLOCK_M)
-    acc, m_i, l_i = _attend_block_range(q, acc, m_i, l_i, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-                                        stride_ks, stride_vs, end, offs_m, qk_scale, pid_bh, pid_m * BLOCK_M, seq_len, prefix_len,
-                                        prefix_len + seq_len, dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
+    pk_base, pv_base = PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh
+    k_base, v_base = K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh
+    row0, num_cols = pid_m * BLOCK_M, prefix_len + seq_len
+    if BLOCK_P == 0:  # the prefix shares key blocks with the sequence: columns 0 .. P-1, then P .. P+end-1
+        acc, m_i, l_i = _attend_block_range(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, pk_base, pv_base, stride_pks,
+                                            stride_pvs, prefix_len, prefix_len + end, offs_m, qk_scale, pid_bh, row0, seq_len, 0,
+                                            num_cols, dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT, True)  # fmt: skip
+    else:  # the prefix BLOCK_P keys at a time, then the sequence
+        acc, m_i, l_i = _attend_block_range(q, acc, m_i, l_i, pk_base, pv_base, stride_pks, stride_pvs, pk_base, pv_base, stride_pks,
+                                            stride_pvs, 0, prefix_len, offs_m, qk_scale, pid_bh, row0, seq_len, 0, num_cols,
+                                            dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_P, False, DROPOUT, False)  # fmt: skip
+        acc, m_i, l_i = _attend_block_range(q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, k_base, v_base, stride_ks,
+                                            stride_vs, 0, end, offs_m, qk_scale, pid_bh, row0, seq_len, prefix_len, num_cols,
+                                            dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT, False)  # fmt: skip
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -184,7 +208,8 @@ def prefix_attn_fwd(
         order Q, K, V, PK, PV, Out.
       num_heads (N), kv_group (N // Nkv), seq_len (S), prefix_len (P): int32. scale: fp32 (usually D ** -0.5).
       HEAD_DIM (D: 32, 64 or 128), BLOCK_M, BLOCK_N, BLOCK_P (query rows per program, sequence and prefix keys per
-        step: 16 or more, powers of 2), CAUSAL (query i sees sequence keys j <= i): tl.constexpr.
+        step: 16 or more, powers of 2; BLOCK_P 0: prefix and sequence keys in the same BLOCK_N-wide steps),
+        CAUSAL (query i sees sequence keys j <= i): tl.constexpr.
     Grid: (cdiv(S, BLOCK_M), B * N, 1); program (i, b * N + h) computes query rows i*BLOCK_M .. of head h of row b.
     `forward_signature` gives the dicts `triton.compile(ASTSource(...))` needs; `forward_grid` the grid.
     Compiled by triton 3.7, the kernel also takes two trailing pointer parameters (global and profile scratch) that
@@ -254,18 +279,22 @@ def block_sizes(dtype: torch.dtype, head_dim: int, backward: bool = False) -> tu
     return 64, 64, 4, 2
 
 
-def forward_config(dtype: torch.dtype, head_dim: int, prefix_len: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_P) of the JIT forward: `block_sizes`, with prefix keys in steps
-    of 16 when there are at most 16 of them, and for fp16/bf16 at head dims 32 and 64 the configurations that
-    kernels/bench.py's sweep found fastest on an H200 (batch 32 x 12 heads x 128 tokens, prefix 16: 0.0081 and 0.0114
-    ms against 0.0099 and 0.0130 with `block_sizes`; docs/BENCHMARKS.md). The AOT cubins keep `block_sizes`' query
-    blocks (serving runs small batches, where more, smaller programs fill the GPU), with prefix steps of 16."""
+def forward_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_P) of the JIT forward: `block_sizes`, and for fp16/bf16 at head
+    dims 32 and 64 the configurations that kernels/bench.py's sweep found fastest on an H200 (batch 32 x 12 heads x
+    128 tokens, prefix 16: 0.0081 and 0.0114 ms against 0.0099 and 0.0130 with `block_sizes`; docs/BENCHMARKS.md).
+
+    BLOCK_P 0: the prefix keys share BLOCK_N-wide key blocks with the sequence's (one loop over the concatenated
+    columns, never built), so a program runs cdiv(P + length, BLOCK_N) steps instead of cdiv(P, BLOCK_P) +
+    cdiv(length, BLOCK_N): 2.25 instead of 3 on average at the bench's d64 shape. Not timed on a GPU yet (the sweep
+    has it as bp0; the measured alternative was BLOCK_P 16). The AOT cubins keep `block_sizes`' query blocks (serving
+    runs small batches, where more, smaller programs fill the GPU) and prefix steps of 16."""
     block_m, block_n, num_warps, num_stages = block_sizes(dtype, head_dim)
     if dtype != torch.float32 and head_dim == 32:
         block_m, block_n, num_warps, num_stages = 128, 32, 4, 2
     elif dtype != torch.float32 and head_dim == 64:
         num_stages = 3
-    return block_m, block_n, num_warps, num_stages, (16 if prefix_len <= 16 else block_n)
+    return block_m, block_n, num_warps, num_stages, 0
 
 
 def forward_signature(dtype: torch.dtype, head_dim: int, causal: bool = False, aligned: bool = True) -> AotSpec:
@@ -303,22 +332,32 @@ def forward_grid(batch: int, num_heads: int, seq_len: int, block_m: int) -> tupl
 
 
 @triton.jit
-def _dkv_block(k_base, v_base, dk_base, dv_base, stride_ks, stride_vs, stride_dks, stride_dvs, start_n, end, size,
+def _dkv_block(K, V, PK, PV, DK, DV, DPK, DPV, b, hk, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+               stride_pkb, stride_pkh, stride_pks, stride_pvb, stride_pvh, stride_pvs, stride_dkb, stride_dkh, stride_dks,
+               stride_dvb, stride_dvh, stride_dvs, num_kv_heads, prefix_len, start_n, end,
                Q, DOut, Lse, Delta, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
-               b, hk, num_heads, kv_group, seq_len, scale, col0, num_cols, dropout_p, seed,
+               num_heads, kv_group, seq_len, scale, num_cols, dropout_p, seed,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                DROPOUT: tl.constexpr):  # fmt: skip
-    """dK, dV of keys start_n .. start_n+BLOCK_N of one source (visible below `end`, stored below `size`, columns
-    col0 + ... of P+S for dropout), summed over the kv_group query heads that read them."""
+    """dK, dV of key columns start_n .. start_n+BLOCK_N of the concatenation (prefix columns 0 .. P-1, then the
+    sequence; visible below `end`), summed over the kv_group query heads that read them: sequence keys' into DK/DV
+    (zero past the row's length), prefix keys' into this row's DPK/DPV (fp32)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     valid = cols < end
-    k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
-    v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+    is_prefix = cols < prefix_len
+    k_base, v_base = K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh
+    pk_base, pv_base = PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh
+    k_rows = _kv_rows(k_base, stride_ks, pk_base, stride_pks, cols, prefix_len, True)
+    v_rows = _kv_rows(v_base, stride_vs, pv_base, stride_pvs, cols, prefix_len, True)
+    k = tl.load(k_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
+    v = tl.load(v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     qk_scale = scale * LOG2E
-    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # causal: queries before this key block do not see it
+    lo = 0
+    if CAUSAL:  # queries before the block's first sequence key do not see it (prefix keys: every query does)
+        lo = tl.where(start_n < prefix_len, 0, ((start_n - prefix_len) // BLOCK_M) * BLOCK_M)
     hi = tl.where(start_n < end, seq_len, lo)  # a fully masked key block gets zero gradients
     for g in range(kv_group):
         h = hk * kv_group + g
@@ -335,23 +374,29 @@ def _dkv_block(k_base, v_base, dk_base, dv_base, stride_ks, stride_vs, stride_dk
             delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
             keep = valid[:, None] & row_ok[None, :]
             if CAUSAL:
-                keep = keep & (cols[:, None] <= rows[None, :])
+                keep = keep & (cols[:, None] <= rows[None, :] + prefix_len)
             p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale - lse[None, :])  # (BN, BM)
             p_t = tl.where(keep, p_t, 0.0)
             dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BN, BM)
             if DROPOUT:
-                kept = _dropout_keep_t(
-                    seed, b * num_heads + h, start_m, col0 + cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N
-                )
+                kept = _dropout_keep_t(seed, b * num_heads + h, start_m, cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N)
                 dv += tl.dot(tl.where(kept, p_t / (1.0 - dropout_p), 0.0).to(do.dtype), do, input_precision="ieee")
                 dp_t = tl.where(kept, dp_t / (1.0 - dropout_p), 0.0)
             else:
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
-    stored = (cols < size)[:, None]
-    tl.store(dk_base + cols[:, None] * stride_dks + offs_d[None, :], (dk * scale).to(dk_base.dtype.element_ty), mask=stored)
-    tl.store(dv_base + cols[:, None] * stride_dvs + offs_d[None, :], dv.to(dv_base.dtype.element_ty), mask=stored)
+    dk = dk * scale
+    seq_rows = (cols >= prefix_len) & (cols < prefix_len + seq_len)  # every sequence key, padding included (zeros)
+    seq_off = (cols - prefix_len)[:, None]
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + seq_off * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=seq_rows[:, None])  # fmt: skip
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + seq_off * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=seq_rows[:, None])  # fmt: skip
+    prefix_base = (b * num_kv_heads + hk) * prefix_len * HEAD_DIM
+    prefix_off = cols[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DPK + prefix_base + prefix_off, dk, mask=is_prefix[:, None])
+    tl.store(DPV + prefix_base + prefix_off, dv, mask=is_prefix[:, None])
 
 
 @triton.jit
@@ -370,51 +415,45 @@ def prefix_attn_bwd_dkv(
 ):  # fmt: skip
     """dK, dV (B, Nkv, S, D) and per-row prefix grads DPK, DPV (B, Nkv, P, D) fp32 contiguous.
 
-    Grid (cdiv(S, BLOCK_N) + cdiv(P, BLOCK_N), B * Nkv): the first cdiv(S, BLOCK_N) programs take sequence key blocks,
-    the rest prefix key blocks. Lse and Delta as written by the forward and `prefix_attn_bwd_dq`; Seed as the forward's
-    (read only with DROPOUT).
+    Grid (cdiv(P + S, BLOCK_N), B * Nkv): program (j, b * Nkv + hk) takes key columns j * BLOCK_N .. of the
+    concatenation [prefix; sequence] (never built: a block may hold prefix and sequence keys together). Lse and Delta
+    as written by the forward and `prefix_attn_bwd_dq`; Seed as the forward's (read only with DROPOUT).
     """
     seed = tl.load(Seed) if DROPOUT else 0
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // num_kv_heads).to(tl.int64), (pid_bh % num_kv_heads).to(tl.int64)
-    kv_group = num_heads // num_kv_heads
-    n_seq_blocks = tl.cdiv(seq_len, BLOCK_N)
-    if pid_n < n_seq_blocks:
-        _dkv_block(K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-                   DK + b * stride_dkb + hk * stride_dkh, DV + b * stride_dvb + hk * stride_dvh, stride_ks, stride_vs, stride_dks,
-                   stride_dvs, pid_n * BLOCK_N, tl.minimum(tl.load(Lens + b), seq_len), seq_len,
-                   Q, DOut, Lse, Delta, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
-                   b, hk, num_heads, kv_group, seq_len, scale, prefix_len, prefix_len + seq_len, dropout_p, seed,
-                   HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
-    else:
-        prefix_base = (b * num_kv_heads + hk) * prefix_len * HEAD_DIM
-        _dkv_block(PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh, DPK + prefix_base, DPV + prefix_base,
-                   stride_pks, stride_pvs, HEAD_DIM, HEAD_DIM, (pid_n - n_seq_blocks) * BLOCK_N, prefix_len, prefix_len,
-                   Q, DOut, Lse, Delta, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
-                   b, hk, num_heads, kv_group, seq_len, scale, 0, prefix_len + seq_len, dropout_p, seed,
-                   HEAD_DIM, BLOCK_M, BLOCK_N, False, DROPOUT)  # fmt: skip
+    end = prefix_len + tl.minimum(tl.load(Lens + b), seq_len)
+    _dkv_block(K, V, PK, PV, DK, DV, DPK, DPV, b, hk, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+               stride_pkb, stride_pkh, stride_pks, stride_pvb, stride_pvh, stride_pvs, stride_dkb, stride_dkh, stride_dks,
+               stride_dvb, stride_dvh, stride_dvs, num_kv_heads, prefix_len, pid_n * BLOCK_N, end,
+               Q, DOut, Lse, Delta, stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_ds,
+               num_heads, num_heads // num_kv_heads, seq_len, scale, prefix_len + seq_len, dropout_p, seed,
+               HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
 
 
 @triton.jit
-def _dq_block_range(q, do, lse, delta, dq, k_base, v_base, stride_ks, stride_vs, end, rows, qk_scale,
-                    bh, row0, seq_len, col0, num_cols, dropout_p, seed, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
-    """Add the contribution of keys 0 .. end-1 of one source to dQ / scale of a query block."""
+def _dq_block_range(q, do, lse, delta, dq, k_base, v_base, stride_ks, stride_vs, pk_base, pv_base, stride_pks, stride_pvs,
+                    prefix_len, end, rows, qk_scale, bh, row0, seq_len, num_cols, dropout_p, seed, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
+    """Add the contribution of key columns 0 .. end-1 of the concatenation (the prefix's P, then the sequence's;
+    `_kv_rows`) to dQ / scale of a query block: a block may hold prefix and sequence keys together."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(0, end, BLOCK_N):
         cols = start + offs_n
         valid = cols < end
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+        k_rows = _kv_rows(k_base, stride_ks, pk_base, stride_pks, cols, prefix_len, True)
+        v_rows = _kv_rows(v_base, stride_vs, pv_base, stride_pvs, cols, prefix_len, True)
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
+        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         keep = valid[None, :]
         if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
+            keep = keep & (cols[None, :] <= rows[:, None] + prefix_len)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])  # (BM, BN)
         p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         if DROPOUT:
-            kept = _dropout_keep(seed, bh, row0, col0 + cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N)
+            kept = _dropout_keep(seed, bh, row0, cols, seq_len, num_cols, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
@@ -458,15 +497,13 @@ def prefix_attn_bwd_dq(
     tl.store(Delta + pid_bh.to(tl.int64) * seq_len + rows, delta, mask=row_ok)
     qk_scale = scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _dq_block_range(q, do, lse, delta, dq, PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh,
-                         stride_pks, stride_pvs, prefix_len, rows, qk_scale, pid_bh, pid_m * BLOCK_M, seq_len, 0, prefix_len + seq_len,
-                         dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, False, DROPOUT)  # fmt: skip
     end = tl.minimum(tl.load(Lens + b), seq_len)
     if CAUSAL:
         end = tl.minimum(end, (pid_m + 1) * BLOCK_M)
-    dq = _dq_block_range(q, do, lse, delta, dq, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-                         stride_ks, stride_vs, end, rows, qk_scale, pid_bh, pid_m * BLOCK_M, seq_len, prefix_len, prefix_len + seq_len,
-                         dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
+    dq = _dq_block_range(q, do, lse, delta, dq, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, stride_ks,
+                         stride_vs, PK + b * stride_pkb + hk * stride_pkh, PV + b * stride_pvb + hk * stride_pvh, stride_pks,
+                         stride_pvs, prefix_len, prefix_len + end, rows, qk_scale, pid_bh, pid_m * BLOCK_M, seq_len,
+                         prefix_len + seq_len, dropout_p, seed, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, DROPOUT)  # fmt: skip
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])  # fmt: skip
 
@@ -497,12 +534,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor,
     b, n, s, d = q.shape
     out = torch.empty(b, s, n, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, N, S, D)
     lse = torch.empty(b, n, s, dtype=torch.float32, device=q.device)
-    block_m, block_n, num_warps, num_stages, default_p = forward_config(q.dtype, d, pk.shape[2])
+    block_m, block_n, num_warps, num_stages, default_p = forward_config(q.dtype, d)
     if config is not None:
         block_m, block_n, num_warps, num_stages = config
     args = (q, k, v, pk, pv, lengths, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv), *_strides(out),
             n, n // k.shape[1], s, pk.shape[2], scale)  # fmt: skip
-    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p or default_p, CAUSAL=causal, num_warps=num_warps,
+    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=default_p if block_p is None else block_p, CAUSAL=causal, num_warps=num_warps,
                 num_stages=num_stages)  # fmt: skip
     grid = forward_grid(b, n, s, block_m)
     if dropout_p > 0.0:
@@ -535,7 +572,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     prefix_attn_bwd_dq[forward_grid(b, n, s, block_m)](q, k, v, pk, pv, out, do, lse, delta, lengths, dq, *common, *_strides(out),
                                                        *_strides(do), *_strides(dq), n, n // nkv, s, p, scale, dropout_p, seed,
                                                        **meta)  # fmt: skip
-    grid = (triton.cdiv(s, block_n) + triton.cdiv(p, block_n), b * nkv, 1)
+    grid = (triton.cdiv(p + s, block_n), b * nkv, 1)
     prefix_attn_bwd_dkv[grid](q, k, v, pk, pv, do, lse, delta, lengths, dk, dv, dpk, dpv, *common, *_strides(do), *_strides(dk),
                               *_strides(dv), n, nkv, s, p, scale, dropout_p, seed, **meta)  # fmt: skip
     if pk.shape[0] == 1:

@@ -383,7 +383,7 @@ def test_training_kernels_compile_for_sm90():
 
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     fp32_pointers = {"Lse", "Delta", "DPK", "DPV"}
-    bm, bn, warps, stages, bp = forward_config(torch.bfloat16, 64, 16)
+    bm, bn, warps, stages, bp = forward_config(torch.bfloat16, 64)
     jobs = [
         (
             prefix_attn_fwd_dropout,
