@@ -68,6 +68,7 @@ SPECIAL = [
     Case(b=3, s=17, p=0, lengths=(17, 0, 3), causal=True),  # row 1 fully masked: zeros, no NaN
     Case(b=2, s=17, p=20, lengths=(0, 4)),  # row 0 sees only the prefix
     Case(n=4, nkv=1, s=17, p=20, lengths=(17, 8)),  # grouped-query attention, 4 query heads per kv head
+    Case(s=40, p=37, causal=True, lengths=(40, 9)),  # a prefix over two 32-key blocks, the second shared with the sequence
     Case(b=8, n=12, nkv=12, s=128, p=16, d=32, lengths=tuple(range(128, 0, -16)), dtype=torch.float16),  # MiniLM-shaped
 ]
 # every sequence length x prefix length x head dim, rotating causal / per-row prefix / GQA / padding / dtype through them
@@ -280,6 +281,20 @@ def test_interpreted_dropout_compiles_in_one_graph():
 
 def test_prefix_attn_compiles_in_one_graph_on_the_reference_path():
     _compiles_in_one_graph(Case(n=4, nkv=2, s=17, p=20, d=8, lengths=(17, 6)), dropout_p=0.0)  # d=8: reference
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("p", [1, 16, 37])
+def test_interpreted_forward_with_narrow_shared_key_blocks(p, causal):
+    """The forward's key blocks over [prefix; sequence] at their narrowest (16 keys): the prefix ends inside a block,
+    at its edge, or after two blocks and a part."""
+    c = Case(n=4, nkv=2, s=40, p=p, causal=causal, shared=False, lengths=(40, 19))
+    (q, k, v, pk, pv), lengths, _ = _inputs(c, "cpu")
+    out, _ = prefix_attention.forward(q, k, v, pk, pv, lengths, causal, c.d**-0.5, config=(32, 16, 4, 2), block_p=0)
+    exact = prefix_attn_reference(q, k, v, pk, pv, lengths, causal, dtype=torch.float64)[0]
+    same = prefix_attn_reference(q, k, v, pk, pv, lengths, causal)[0]
+    assert _max_err(out.double(), exact) <= 2 * _max_err(same.double(), exact) + FLOOR[c.dtype]
 
 
 @interpreted
