@@ -14,7 +14,8 @@
 #   kernels_bench  python -m kernels.bench: kernel vs SDPA over the concatenation / without a prefix, training step at
 #                  batch 32 and 128, sequences 128-2048 (SWEEP=1 adds the block sweep, as in PART=triton)
 #   prefix_op      python -m bench.prefix_op: CUDA parity of the custom-op graph, batch 1 x 128 latency with I/O binding
-#   graph_train    one epoch of the default run eager, then with cuda_graphs=true (train/graphs.py): graph_train.json
+#   graph_train    one epoch of the default run: eager, cuda_graphs=true (train/graphs.py), and cuda_graphs=true with
+#                  prefix_kernel=false (PEFT's concatenation): the issue's training comparison in the real loop
 #   serve          the server on the CUDA provider with the export: /ready names the graph it chose, one /predict
 # Every stage has its own time limit and runs whatever the others did; $OUT gets stages.txt (stage, exit status,
 # seconds), logs.txt (every stage's output), kernels_bench.json, prefix_op_bench.json, manifest.json.
@@ -87,21 +88,24 @@ wait
 stage kernels_bench 180 python3 -m kernels.bench ${SWEEP:+--sweep} --train-batches 32 128 $SEQS --out "$OUT/kernels_bench.json"
 stage prefix_op 180 python3 -m bench.prefix_op "$RUN" "$OUT/prefix_op_bench.json"
 
-graph_train() {  # one epoch of the default run, eager then cuda_graphs=true: seconds per epoch and accuracy
-  for mode in eager graphs; do
-    python3 -m train --run "/tmp/runs/$mode" epochs=1 cuda_graphs=$([ $mode = graphs ] && echo true || echo false) 2>&1 |
-      grep -v "batch/s" || return 1
+graph_train() {  # one epoch of the default run: eager, cuda_graphs=true, and cuda_graphs with PEFT's concatenation
+  local args
+  for mode in eager graphs graphs_concat; do
+    case $mode in eager) args="" ;; graphs) args="cuda_graphs=true" ;; graphs_concat) args="cuda_graphs=true prefix_kernel=false" ;; esac
+    python3 -m train --run "/tmp/runs/$mode" epochs=1 $args 2>&1 | grep -v "batch/s" || return 1
   done
   python3 - <<'EOF' | tee "$OUT/graph_train.json"
 import json
-keys = ("seconds_per_epoch", "samples_per_second", "test_accuracy", "peak_memory_mb")
-rows = {m: {k: json.load(open(f"/tmp/runs/{m}/metrics.json"))[k] for k in keys} for m in ("eager", "graphs")}
-rows["epoch_speedup"] = rows["eager"]["seconds_per_epoch"] / rows["graphs"]["seconds_per_epoch"]
+keys = ("seconds_per_epoch", "samples_per_second", "test_accuracy", "peak_memory_mb", "cuda_graph_shapes")
+rows = {m: {k: json.load(open(f"/tmp/runs/{m}/metrics.json"))[k] for k in keys} for m in ("eager", "graphs", "graphs_concat")}
+epoch = {m: r["seconds_per_epoch"] for m, r in rows.items()}
+rows["graphs_vs_eager"] = epoch["eager"] / epoch["graphs"]
+rows["kernel_vs_concat_with_graphs"] = epoch["graphs_concat"] / epoch["graphs"]
 print(json.dumps(rows, indent=1))
 EOF
 }
 export -f graph_train
-stage graph_train 120 bash -c graph_train
+stage graph_train 150 bash -c graph_train
 
 serve_check() {  # the real server process on the CUDA provider, one request
   python3 -m serve --export "$RUN/export" --provider cuda --port 8099 &

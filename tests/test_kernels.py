@@ -526,6 +526,24 @@ def test_gpu_dropout_is_drawn_afresh_on_every_cuda_graph_replay():
 
 @pytest.mark.gpu
 @cuda
+def test_gpu_prefix_kernel_false_keeps_cuda_on_the_sdpa_path():
+    """prefix_kernel=false (the config key, PEFT's concatenation on a GPU too) reaches the attention function."""
+    from types import SimpleNamespace
+
+    from train.prefix import prefix_attention
+
+    q, k, v = (torch.randn(2, 4, 9, 32, device="cuda", requires_grad=True) for _ in range(3))
+    kv = [tuple(torch.randn(1, 4, 5, 32, device="cuda") for _ in range(2))]
+    mask = torch.ones(2, 1, 1, 14, dtype=torch.bool, device="cuda")
+    names = {}
+    for flag in (True, False):
+        out, _ = prefix_attention(SimpleNamespace(layer_idx=0), q, k, v, mask, prefix_kv=kv, prefix_kernel=flag)
+        names[flag] = type(out.grad_fn.next_functions[0][0]).__name__
+    assert names[True] == "_PrefixAttnFunctionBackward" and "PrefixAttn" not in names[False], names
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_training_attention_function_matches_sdpa_path(dtype):
     """train/prefix.py's attention function, output and gradients: the kernel branch (CUDA) against the SDPA branch

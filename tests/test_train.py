@@ -140,3 +140,22 @@ def test_gpu_training_run_with_cuda_graphs(tmp_path, tiny_bert):
     m = json.loads((run / "metrics.json").read_text())
     assert m["history"][0]["train_loss"] == m["history"][0]["train_loss"]  # finite
     assert m["cuda_graph_shapes"] and all(b == 24 and s % 16 == 0 for b, s in m["cuda_graph_shapes"])
+
+
+def test_prefix_kernel_switch_reaches_the_model(tiny_bert):
+    """prefix_kernel=false (GPU: PEFT's concatenation instead of the Triton kernel) is carried by the model; on the CPU
+    both settings take the SDPA path and agree."""
+    from tests.helpers import padded_batch
+
+    ids, mask = padded_batch(tiny_bert)
+    logits = []
+    for flag in (True, False):
+        from train.config import load_config
+        from train.model import build_model
+
+        cfg = load_config(None, ["method=p_tuning_v2", f"base_model={tiny_bert}", f"prefix_kernel={flag}"])
+        model = build_model(cfg, [f"L{i}" for i in range(5)], seed=0).eval()
+        assert model.prefix_kernel is flag
+        with torch.no_grad():
+            logits.append(model(ids, mask))
+    assert torch.equal(logits[0], logits[1])

@@ -74,6 +74,8 @@ class RunConfig:
     # GPU only: replay each batch shape's forward+backward from a CUDA graph (batches padded to a multiple of 16 tokens);
     # a small model's eager GPU step is bound by Python's launch cost (train/graphs.py)
     cuda_graphs: bool = False
+    # GPU, p_tuning_v2: attention through the Triton prefix kernel (kernels/); false = SDPA over concat(prefix, keys)
+    prefix_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -109,7 +109,7 @@ def build_model(cfg: RunConfig, label_names: list[str], seed: int) -> PrefixMode
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     crf = CRF(len(label_names)) if cfg.head == "crf" else None
-    return PrefixModel(base, prefix, c.num_attention_heads, prompt, crf)
+    return PrefixModel(base, prefix, c.num_attention_heads, prompt, crf, prefix_kernel=cfg.prefix_kernel)
 
 
 def _prompt_init_ids(cfg: RunConfig, config) -> torch.Tensor | None:

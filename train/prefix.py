@@ -71,13 +71,14 @@ class FrozenPrefix(nn.Module):
 
 
 def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, prefix_lengths=None,
-                     **_):  # fmt: skip
+                     prefix_kernel=True, **_):  # fmt: skip
     """Attention with the layer's prefix prepended; ``prefix_kv`` (and ``prefix_lengths``, the (B,) int32 count of
-    real tokens, computed once for all layers) arrive as keywords from PrefixModel.forward.
+    real tokens, computed once for all layers, and ``prefix_kernel``: False keeps CUDA on the SDPA path) arrive as
+    keywords from PrefixModel.forward.
 
     query/key/value: (B, N, S, D); attention_mask: bool (B, 1, 1, P+S), True = attend. Returns (B, S, N, D).
     """
-    if prefix_kv is not None and query.is_cuda:  # the Triton kernel (kernels/), no concatenation
+    if prefix_kv is not None and query.is_cuda and prefix_kernel:  # the Triton kernel (kernels/), no concatenation
         from kernels.op import prefix_attn
 
         pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)
@@ -118,7 +119,8 @@ class PrefixModel(nn.Module):
     forward(input_ids, attention_mask) -> logits (B, labels), or for a token classifier emissions (B, S, tags) over the
     real tokens only (the virtual positions of a prompt are dropped). With neither prefix nor prompt it is the plain
     model (used for LoRA, full fine-tuning and the bare-base comparison). ``crf`` (tagging) is held here so that it
-    trains, saves and loads with the rest; forward does not use it.
+    trains, saves and loads with the rest; forward does not use it. ``prefix_kernel`` False: on CUDA too, the prefix
+    goes through SDPA over the concatenated keys (PEFT's way) instead of the Triton kernel.
     """
 
     def __init__(
@@ -128,9 +130,11 @@ class PrefixModel(nn.Module):
         num_heads: int,
         prompt: nn.Module | None = None,
         crf: nn.Module | None = None,
+        prefix_kernel: bool = True,
     ) -> None:
         super().__init__()
         self.base = base
+        self.prefix_kernel = prefix_kernel
         self.prefix = prefix
         self.prompt = prompt
         self.crf = crf
@@ -145,8 +149,9 @@ class PrefixModel(nn.Module):
             kv = self.prefix.kv(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
             p, s = kv[0][0].shape[2], input_ids.shape[1]
             kw["prefix_kv"] = kv
-            if input_ids.is_cuda:  # the kernel's key padding, (B,), once for all layers
+            if input_ids.is_cuda and self.prefix_kernel:  # the kernel's key padding, (B,), once for all layers
                 kw["prefix_lengths"] = attention_mask.sum(-1, dtype=torch.int32)
+            kw["prefix_kernel"] = self.prefix_kernel
             kw["position_ids"] = torch.arange(p, p + s, device=input_ids.device).unsqueeze(0)  # (1, S)
             keep = _with_virtual(keep, p)
         if self.prompt is not None:
