@@ -129,7 +129,7 @@ def test_gpu_cuda_graph_training_equals_eager(tiny_bert, method):
             assert list(net.graphs) == [(4, 32), (4, 16)]
         weights.append({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
     for name, w in weights[0].items():
-        assert torch.allclose(w, weights[1][name], atol=1e-5), name
+        assert torch.allclose(w, weights[1][name], atol=1e-4), name  # cuBLAS may pick other kernels under capture
 
 
 @pytest.mark.gpu
