@@ -52,10 +52,14 @@ def _(do, q, k, v, pk, pv, lengths, out, lse, causal, scale, dropout_p, seed):
     return tuple(torch.empty_like(t) for t in (q, k, v, pk, pv))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed = inputs
-    ctx.save_for_backward(q, k, v, pk, pv, lengths, seed, *output)
+def _save(ctx, q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed, out, lse) -> None:
+    """What `_backward` reads, for both autograd paths (the registered one and `_PrefixAttnFunction`)."""
+    ctx.save_for_backward(q, k, v, pk, pv, lengths, seed, out, lse)
     ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _save(ctx, *inputs, *output)
     ctx.mark_non_differentiable(output[1])
 
 
@@ -83,8 +87,7 @@ class _PrefixAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed):
         out, lse = _prefix_attn(q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, pk, pv, lengths, seed, out, lse)
-        ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+        _save(ctx, q, k, v, pk, pv, lengths, causal, scale, dropout_p, seed, out, lse)
         return out
 
     @staticmethod
