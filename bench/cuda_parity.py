@@ -25,7 +25,7 @@ def main(run: Path) -> None:
     bare = load_adapter_model(run / "adapter").cuda().eval()
     bare.prefix = None
     tok = AutoTokenizer.from_pretrained(export_dir)
-    for tf32, tolerance in ((False, 1e-4), (True, 5e-2)):  # the gate as served, then TF32 for the record
+    for tf32, tolerance in ((False, None), (True, 5e-2)):  # the gate as served, then TF32 for the record
         providers = [("CUDAExecutionProvider", {"use_tf32": int(tf32)})]
         sess = ort.InferenceSession(str(export_dir / "model.onnx"), providers=providers)
         assert sess.get_providers()[0] == "CUDAExecutionProvider", sess.get_providers()

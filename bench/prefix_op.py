@@ -2,7 +2,7 @@
 
 RUN is an exported p_tuning_v2 run. Writes OUT.json with
   parity: model.prefix_op.onnx under onnxruntime's CUDA provider with the library (build/kernels/libedgetune_ort.so,
-    or $EDGETUNE_KERNELS): fp32 through the export's own gate (1e-4), and float16 against eager fp32 next to the error
+    or $EDGETUNE_KERNELS): fp32 through the export's own gate (1e-4, or the bound this machine's fp32 rounding sets), and float16 against eager fp32 next to the error
     of eager PyTorch in float16 on the same sentences; the providers that ran the PrefixAttention nodes (profile).
   latency at batch 1 x 128 real tokens, median ms, inputs already on the GPU:
     ort_prefix_op_fp16    model.prefix_op.onnx in float16, the Triton kernel, I/O binding
@@ -163,7 +163,7 @@ def main(run: Path, out_json: Path) -> dict:
 
     gate = cuda_session(export / FILE, library, tmp / "profile")
     try:
-        result["parity_fp32"] = check_parity(gate, eager, bare, tok, texts, manifest["max_length"], 1e-4).to_dict()
+        result["parity_fp32"] = check_parity(gate, eager, bare, tok, texts, manifest["max_length"]).to_dict()
     except ParityError as e:
         result["parity_fp32"] = {"error": str(e)}
     result["prefix_op_providers"] = op_providers(gate)

@@ -141,7 +141,7 @@ def replace_folder(tmp: Path, target: Path) -> None:
 def export_run(
     run_dir: Path,
     base_model: str = "",
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
     int8: bool = True,
     int8_max_drop: float = 0.01,
     decode: bool = True,
@@ -266,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-model", default="", help="base model folder, when the adapter's is not available here")
     ap.add_argument("--adapter", default="", help="adapter folder to export instead of RUN/adapter (e.g. one written by peft)")
     ap.add_argument("--data", default="", help="with --adapter: dataset or file whose dev split the parity gate uses")
-    ap.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
+    ap.add_argument(
+        "--tolerance", type=float, default=None,
+        help="max abs logit difference allowed (fp32); default: 1e-4, or more where this CPU's fp32 rounding needs it",
+    )  # fmt: skip
     ap.add_argument("--no-int8", action="store_true", help="do not write the int8 graph for CPU serving")
     ap.add_argument("--int8-max-drop", type=float, default=0.01, help="dev accuracy the int8 graph may lose (default 0.01)")
     ap.add_argument(

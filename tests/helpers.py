@@ -1,4 +1,5 @@
-"""Test helpers: inputs with padding, PEFT's own models on the same weights, a real server process."""
+"""Test helpers: inputs with padding, PEFT's own models on the same weights, a float64 bound for fp32 comparisons, a
+real server process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SENTENCES = [
@@ -90,6 +92,25 @@ def random_peft_adapter(base_dir: Path, peft_config, out_dir: Path, num_labels: 
                 p.normal_(0, 0.5 if "lora" in name else 1.0)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def _as_float64(x) -> np.ndarray:
+    return x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
+def assert_fp32_equivalent(actual, reference, exact, what: str = "", eps: float | None = None) -> None:
+    """``actual`` and ``reference`` are fp32 evaluations of one function and ``exact`` its float64 value: ``actual``
+    must be as accurate as ``reference``, within export.parity.fp32_bound of the error ``reference`` shows on this
+    CPU. The bound is measured, not fixed, so it holds on any CPU's kernels; a dropped or doubled adapter, or a
+    wrong scale, misses it by orders of magnitude. ``eps``: another precision's (np.finfo(np.float16).eps for fp16
+    evaluations)."""
+    from export.parity import FP32_EPS, fp32_bound
+
+    a, r, e = _as_float64(actual), _as_float64(reference), _as_float64(exact)
+    assert a.shape == r.shape == e.shape, (what, a.shape, r.shape, e.shape)
+    ref_err, err = float(np.abs(r - e).max(initial=0.0)), float(np.abs(a - e).max(initial=0.0))
+    bound = fp32_bound(ref_err, float(np.abs(e).max(initial=0.0)), eps or FP32_EPS)
+    assert err <= bound, f"{what}: error {err:.3g} against float64 exceeds {bound:.3g} (the fp32 reference's is {ref_err:.3g})"
 
 
 def free_port() -> int:

@@ -12,8 +12,8 @@ import torch
 from export.__main__ import export_run
 from export.eager import load_adapter_model
 from export.graph import op_counts
-from export.parity import check_parity
-from tests.helpers import padded_batch
+from export.parity import DEFAULT_TOLERANCE, check_parity, float64_copy, fp32_bound
+from tests.helpers import assert_fp32_equivalent, padded_batch
 from train.errors import AdapterError, ParityError
 
 
@@ -24,9 +24,11 @@ def test_export_passes_parity_gate(exported, model, method):
     m = json.loads((run / "export" / "manifest.json").read_text())
     assert m["method"] == method and m["opset"] == 17 and m["onnxruntime_version"] == ort.__version__
     p = m["parity"]
-    assert p["max_abs_diff"] <= 1e-4 and p["argmax_agree"] == 1.0 and p["n_samples"] >= 64
+    assert p["max_abs_diff"] <= p["tolerance"] and p["argmax_agree"] == 1.0 and p["n_samples"] >= 64
+    assert p["tolerance"] >= DEFAULT_TOLERANCE and p["reference_error"] > 0  # measured: fp32 is not exact
+    assert p["max_abs_error"] <= fp32_bound(p["reference_error"], p["scale"])  # onnxruntime as accurate as eager fp32
     assert p["batch_sizes"][:3] == [1, 8, 32]
-    assert p["adapter_effect"] > 1e-3  # the adapter changes the logits
+    assert p["adapter_effect"] > 10 * p["tolerance"]  # the adapter changes the logits
     files = {f.name for f in (run / "export").iterdir()}
     assert {"model.onnx", "tokenizer.json", "labels.json", "manifest.json", "config.json"} <= files
     ops = op_counts(run / "export" / "model.onnx")
@@ -47,8 +49,8 @@ def test_exported_graph_matches_eager_on_other_shapes(exported, tiny_bert):
     ids, mask = padded_batch(tiny_bert)
     sess = ort.InferenceSession(str(run / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
     out = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-    ref = load_adapter_model(run / "adapter", str(tiny_bert))(ids, mask).numpy()
-    assert np.abs(out - ref).max() < 1e-4
+    eager = load_adapter_model(run / "adapter", str(tiny_bert))
+    assert_fp32_equivalent(out, eager(ids, mask), float64_copy(eager)(ids, mask), "onnxruntime on other shapes")
 
 
 def test_gate_catches_a_dropped_adapter(exported, tiny_bert):
@@ -92,7 +94,8 @@ def test_int8_graph_is_quantised_and_serves(exported):
     c32, c8 = Classifier(run / "export"), Classifier(run / "export", precision="int8")
     texts = ["I lost my card", "how do I top up?", "what is the exchange rate"]
     l32, l8 = c32.logits(texts), c8.logits(texts)
-    assert 1e-4 < np.abs(l32 - l8).max() < 1.0  # quantised (not the fp32 graph), and close to it
+    # quantised (int8 rounding moves logits by ~1e-2, fp32 rounding by ~1e-5), and close to the fp32 graph
+    assert 1e-4 < np.abs(l32 - l8).max() < 1.0
 
 
 def test_prefix_projection_trains_and_exports(tmp_path, tiny_bert):
@@ -104,11 +107,12 @@ def test_prefix_projection_trains_and_exports(tmp_path, tiny_bert):
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert cfg["prefix_projection"] is True and cfg["encoder_hidden_size"] == 24
     m = export_run(run, int8=False)
-    assert m["parity"]["max_abs_diff"] <= 1e-4 and m["int8"] is None
+    assert m["parity"]["max_abs_diff"] <= m["parity"]["tolerance"] and m["int8"] is None
     ids, mask = padded_batch(tiny_bert)
     ours = load_adapter_model(run / "adapter", str(tiny_bert))(ids, mask)
-    theirs = peft_model(run / "adapter", tiny_bert, len(json.loads((run / "adapter" / "labels.json").read_text())))
-    torch.testing.assert_close(ours, theirs(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+    peft = peft_model(run / "adapter", tiny_bert, len(json.loads((run / "adapter" / "labels.json").read_text())))
+    theirs = peft(input_ids=ids, attention_mask=mask).logits
+    assert_fp32_equivalent(ours, theirs, peft.double()(input_ids=ids, attention_mask=mask).logits, "projected prefix in PEFT")
 
 
 def test_corrupt_adapter_is_refused(runs, tmp_path):
@@ -143,9 +147,10 @@ def test_full_partial_and_head_fine_tuning_export(tmp_path, tiny_bert, method, e
         assert metrics["trainable_params"] == metrics["total_params"]
     assert load_adapter(run / "adapter").method == method
     m = export_run(run, int8=False)
-    assert m["method"] == method and m["parity"]["max_abs_diff"] <= 1e-4 and m["parity"]["argmax_agree"] == 1.0
+    p = m["parity"]
+    assert m["method"] == method and p["max_abs_diff"] <= p["tolerance"] and p["argmax_agree"] == 1.0
     if method != "head":  # the fine-tuned encoder changes the logits under the same classifier
-        assert m["parity"]["adapter_effect"] > 1e-3
+        assert p["adapter_effect"] > 10 * p["tolerance"]
 
 
 def metrics_labels(run) -> int:

@@ -6,7 +6,7 @@ from peft import LoraConfig, TaskType
 
 from export.eager import load_adapter_model
 from export.fold import merge_lora
-from tests.helpers import padded_batch, peft_model, random_peft_adapter
+from tests.helpers import assert_fp32_equivalent, padded_batch, peft_model, random_peft_adapter
 from train.adapter_io import head_state, load_adapter
 from train.errors import AdapterError
 from train.model import load_base
@@ -19,10 +19,10 @@ def lora_adapter(tmp_path, tiny_bert):
     return random_peft_adapter(tiny_bert, CONFIG, tmp_path / "lora")
 
 
-def _merged_model(adapter_dir, base_dir):
+def _merged_model(adapter_dir, base_dir, alpha: float = 8):
     adapter = load_adapter(adapter_dir)
     plain = load_base(base_dir, adapter.label_names, attn="eager")
-    state = merge_lora(plain.state_dict(), adapter.tensors, 4, 8)
+    state = merge_lora(plain.state_dict(), adapter.tensors, 4, alpha)
     state.update({f"classifier.{k}": v for k, v in head_state(adapter.tensors).items()})
     plain.load_state_dict(state)
     return plain.eval()
@@ -30,21 +30,44 @@ def _merged_model(adapter_dir, base_dir):
 
 @torch.inference_mode()
 def test_merged_equals_unmerged(lora_adapter, tiny_bert):
+    """The merged model is as close to the unmerged model's float64 logits as the unmerged fp32 model is; a doubled
+    delta (wrong scale) or none at all misses that bound."""
     ids, mask = padded_batch(tiny_bert)
-    unmerged = load_adapter_model(lora_adapter, str(tiny_bert))(ids, mask)
+    unmerged_model = load_adapter_model(lora_adapter, str(tiny_bert))
+    unmerged = unmerged_model(ids, mask)
+    exact = unmerged_model.double()(ids, mask)
     merged = _merged_model(lora_adapter, tiny_bert)(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)  # logits here are ~10: fp32 rounding
-    bare = load_base(tiny_bert, [str(i) for i in range(5)]).eval()
+    assert_fp32_equivalent(merged, unmerged, exact, "merged LoRA")
+    doubled = _merged_model(lora_adapter, tiny_bert, alpha=16)(input_ids=ids, attention_mask=mask).logits
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_fp32_equivalent(doubled, unmerged, exact, "LoRA merged at twice its scale")
+    bare = load_base(tiny_bert, [str(i) for i in range(5)], attn="eager").eval()
     bare.classifier.load_state_dict(head_state(load_adapter(lora_adapter).tensors))
-    assert (bare(input_ids=ids, attention_mask=mask).logits - merged).abs().max() > 1e-2  # the merge did something
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_fp32_equivalent(bare(input_ids=ids, attention_mask=mask).logits, unmerged, exact, "no LoRA delta")
 
 
 @torch.inference_mode()
 def test_merge_matches_peft_merge_and_unload(lora_adapter, tiny_bert):
+    """Ours (summed in float64) and PEFT's merged weights, each as close to the float64 W + B A alpha/r as the same sum
+    in fp32 is."""
+    adapter = load_adapter(lora_adapter)
+    base = load_base(tiny_bert, adapter.label_names, attn="eager").state_dict()
     ours = _merged_model(lora_adapter, tiny_bert).state_dict()
     theirs = peft_model(lora_adapter, tiny_bert, 5).merge_and_unload().state_dict()
+    merged = 0
     for k, v in theirs.items():
-        assert torch.allclose(ours[k], v, atol=1e-6), k
+        key_a = f"base_model.model.{k.removesuffix('.weight')}.lora_A.weight"
+        if key_a not in adapter.tensors:
+            assert torch.equal(ours[k], v), k  # not a LoRA target: both copied as they were
+            continue
+        w, a, b = base[k], adapter.tensors[key_a], adapter.tensors[key_a.replace("lora_A", "lora_B")]
+        exact = w.double() + (b.double() @ a.double()) * 2.0
+        fp32 = w + (b @ a) * 2.0
+        assert_fp32_equivalent(ours[k], fp32, exact, f"our merge of {k}")
+        assert_fp32_equivalent(v, fp32, exact, f"PEFT's merge of {k}")
+        merged += 1
+    assert merged == sum(k.endswith("lora_A.weight") for k in adapter.tensors) > 0
 
 
 def test_merge_is_pure_and_refuses_nan(lora_adapter, tiny_bert):

@@ -58,7 +58,9 @@ def test_http_round_trip_matches_eager_model(server):
     labels = json.loads((run / "export" / "labels.json").read_text())
     assert [p["label"] for p in preds] == [labels[i] for i in logits.argmax(-1).tolist()]
     probs = torch.softmax(logits.double(), -1).max(-1).values
-    assert all(abs(p["score"] - float(q)) < 1e-4 for p, q in zip(preds, probs, strict=True))
+    # logits within the export's tolerance d of eager's move a softmax probability p by at most p(e^2d - 1) ~ 2d (+ fp32 rounding)
+    tol = json.loads((run / "export" / "manifest.json").read_text())["parity"]["tolerance"]
+    assert all(abs(p["score"] - float(q)) <= 2 * tol + 1e-6 for p, q in zip(preds, probs, strict=True))
     status, ready = request(base + "/ready")
     assert status == 200 and ready["method"] == "p_tuning_v2" and ready["provider"] == "CPUExecutionProvider"
 
