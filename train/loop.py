@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -28,7 +29,17 @@ def pick_device(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
+# oneDNN ISA levels (ONEDNN_MAX_CPU_ISA) that include native bf16 arithmetic; a lower cap, as `make test-portable` and
+# PORTABLE=1 set to stand in for a CPU without it, turns bf16 autocast's auto setting off as that CPU would.
+BF16_ISAS = {"AVX512_CORE_BF16", "AVX2_VNNI_2", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+             "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT"}  # fmt: skip
+
+
 def cpu_has_bf16() -> bool:
+    """Native bf16 on this CPU (AVX512_BF16 or AMX), unless ONEDNN_MAX_CPU_ISA caps oneDNN below it."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and cap not in BF16_ISAS:
+        return False
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
