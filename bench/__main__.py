@@ -13,7 +13,6 @@ import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from train.errors import EdgetuneError  # noqa: E402
+from train.staging import staging_dir  # noqa: E402
 
 BATCHES = (1, 8, 32)
 
@@ -287,15 +287,12 @@ def plot(result: dict, path: Path) -> None:
 
 def save(run_dir: Path, result: dict) -> None:
     """RUN/bench/bench.json and latency.png, written to a temporary folder and renamed into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=".bench.", dir=run_dir))
-    try:
+    with staging_dir(run_dir, ".bench.") as tmp:
         (tmp / "bench.json").write_text(json.dumps(result, indent=2))
         plot(result, tmp / "latency.png")
         tmp.chmod(0o755)
         shutil.rmtree(run_dir / "bench", ignore_errors=True)
         tmp.rename(run_dir / "bench")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

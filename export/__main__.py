@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from train.errors import EdgetuneError  # noqa: E402
+from train.staging import staging_dir  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -127,7 +127,7 @@ def int8_graph(tmp: Path, session, tok, run, label_names: list[str], max_length:
 
 def replace_folder(tmp: Path, target: Path) -> None:
     """Move a completed folder into place, replacing an older one only once the new one is complete."""
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export folder is for deploying
+    tmp.chmod(0o755)  # staging folders are private; the export folder is for deploying
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -182,9 +182,7 @@ def export_run(
     module, expected = graph_module(adapter_dir, adapter, base_path, c, decode)
     tagging = adapter.task == "tagging"
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=run_dir))
-    try:
+    with staging_dir(run_dir, ".export.") as tmp:
         trace_to_onnx(module, tmp / "raw.onnx")
         fused = optimize(tmp / "raw.onnx", tmp / "model.onnx", c.num_attention_heads, c.hidden_size, expected)
         (tmp / "raw.onnx").unlink()
@@ -247,8 +245,6 @@ def export_run(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         replace_folder(tmp, run_dir / "export")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

@@ -162,6 +162,49 @@ def test_every_other_method_exports_on_minilm(exported, method):
     """A few steps on the real MiniLM, exported through the same gate (the tiny-model cases are above and in
     test_prefix.py)."""
     m = json.loads((exported("minilm", method) / "export" / "manifest.json").read_text())
-    assert m["method"] == method and m["parity"]["max_abs_diff"] <= 1e-4 and m["parity"]["argmax_agree"] == 1.0
+    p = m["parity"]
+    assert m["method"] == method and p["max_abs_diff"] <= p["tolerance"] and p["argmax_agree"] == 1.0
     if method != "head":
-        assert m["parity"]["adapter_effect"] > 1e-3
+        assert p["adapter_effect"] > 10 * p["tolerance"]
+
+
+def test_a_killed_export_is_cleaned_up_by_the_next(runs, tmp_path):
+    """kill -9 part-way leaves a staging folder and no export; the next export removes that folder, but never one that
+    a live process is writing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from train.staging import staging_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(runs("tiny", "lora"), run)
+    shutil.rmtree(run / "export", ignore_errors=True)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "export", "--run", str(run), "--no-int8"], cwd=root)
+    deadline = time.time() + 120
+    while not [p for p in run.glob(".export.*") if p.is_dir() and any(p.iterdir())] and time.time() < deadline:
+        assert proc.poll() is None, "the export finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stale = [p for p in run.glob(".export.*") if p.is_dir()]
+    assert len(stale) == 1 and not (run / "export").exists()
+    live = subprocess.Popen(  # another process, holding a staging folder of its own
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from train.staging import staging_dir\n"
+         "with staging_dir(Path(sys.argv[1]), '.export.') as t:\n    print(t, flush=True); time.sleep(120)", str(run)],
+        cwd=root, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        held = Path(live.stdout.readline().strip())
+        m = export_run(run, int8=False)
+        assert m["parity"]["max_abs_diff"] <= m["parity"]["tolerance"]
+        assert not stale[0].exists() and held.is_dir()  # the dead run's folder went, the live one's stayed
+    finally:
+        live.kill()
+        live.wait()
+    with staging_dir(run, ".export."):
+        pass
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml", "export", "metrics.json"]

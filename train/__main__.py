@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from train import dist  # noqa: E402
 from train.errors import EdgetuneError  # noqa: E402
+from train.staging import staging_dir  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -85,10 +85,8 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
     if not main:  # rank 0 writes the run folder
         dist.barrier()
         return metrics
-    # Everything goes to a temporary folder first, renamed into place when complete.
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
-    try:
+    # Everything goes to a staging folder first, renamed into place when complete.
+    with staging_dir(run_dir.parent, f".{run_dir.name}.") as tmp:
         if cfg.method in CHECKPOINT_METHODS:  # no PEFT format for these: a full model folder
             save_checkpoint(tmp / "adapter", model, cfg.method, str(base_path), data.label_names, cfg.task)
         else:
@@ -104,8 +102,6 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
             if target.is_dir():
                 shutil.rmtree(target)
             (tmp / name).replace(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     return metrics
 
