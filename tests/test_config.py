@@ -35,6 +35,7 @@ def test_config_is_frozen():
         (["freeze_layers=2"], "apply to method=full only"),
         (["optimizer=lamb"], "optimizer='lamb' is not one of"),
         (["label_smoothing=1.5"], "label_smoothing=1.5 must be in"),
+        (["patience=-1"], r"patience=-1 must be 0 \(off\) or more"),
     ],
 )
 def test_bad_config_is_named(overrides, message):

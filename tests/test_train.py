@@ -176,3 +176,11 @@ def test_bf16_auto_follows_the_cpu_and_the_onednn_cap(monkeypatch):
     assert not cpu_has_bf16()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
     assert cpu_has_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_patience_stops_when_dev_stops_improving(tmp_path, tiny_bert):
+    """At a learning rate too small to move the dev score, patience=2 stops after epoch 3 with epoch 1 as the best."""
+    run = train_small(tmp_path / "run", "lora", str(tiny_bert), ["epochs=6", "max_steps=0", "max_train_samples=64",
+                                                                   "lr=1e-12", "head_lr=1e-12", "patience=2"])  # fmt: skip
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["epochs_run"] == 3 and m["best_epoch"] == 1 and len(m["history"]) == 3

@@ -67,6 +67,7 @@ class RunConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     max_steps: int = 0  # stop after this many optimiser steps; 0 = run all epochs
+    patience: int = 0  # stop once the dev score has not improved for this many epochs; 0 = run all epochs
     seed: int = 42
     bf16: str = "auto"  # auto (on where the hardware has native bf16) | true | false
     device: str = "auto"  # auto | cpu | cuda
@@ -119,6 +120,8 @@ class RunConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive")
+        if self.patience < 0:
+            raise ConfigError(f"patience={self.patience} must be 0 (off) or more")
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules must name at least one module")
 

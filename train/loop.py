@@ -244,6 +244,10 @@ def train(
             best = (dev["score"], epoch, state, dev)
         if cfg.max_steps and step >= cfg.max_steps:
             break
+        if cfg.patience and epoch - best[1] >= cfg.patience:
+            if main:
+                print(f"early stop: no dev improvement for {cfg.patience} epochs (best: epoch {best[1]})", flush=True)
+            break
     _, best_epoch, state, dev = best
     with torch.no_grad():
         params = dict(model.named_parameters())
