@@ -184,3 +184,17 @@ def test_patience_stops_when_dev_stops_improving(tmp_path, tiny_bert):
                                                                    "lr=1e-12", "head_lr=1e-12", "patience=2"])  # fmt: skip
     m = json.loads((run / "metrics.json").read_text())
     assert m["epochs_run"] == 3 and m["best_epoch"] == 1 and len(m["history"]) == 3
+
+
+def test_without_bf16_entries_reach_a_run_without_bf16(tmp_path, tiny_bert):
+    """A without_bf16 entry trains exactly as the key set directly, is named in metrics.json, and config.yaml keeps it."""
+    from train.config import load_config
+
+    via_entry = train_small(tmp_path / "a", "lora", str(tiny_bert), ["bf16=false", "without_bf16=label_smoothing=0.5"])
+    direct = train_small(tmp_path / "b", "lora", str(tiny_bert), ["bf16=false", "without_bf16=", "label_smoothing=0.5"])
+    plain = train_small(tmp_path / "c", "lora", str(tiny_bert), ["bf16=false", "without_bf16="])
+    a, b, c = (json.loads((r / "metrics.json").read_text()) for r in (via_entry, direct, plain))
+    assert a["without_bf16_applied"] == ["label_smoothing=0.5"] and b["without_bf16_applied"] == []
+    assert a["history"][0]["train_loss"] == b["history"][0]["train_loss"] != c["history"][0]["train_loss"]
+    saved = load_config(via_entry / "config.yaml")
+    assert saved.without_bf16 == ("label_smoothing=0.5",) and saved.label_smoothing == 0.0

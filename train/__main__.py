@@ -29,11 +29,12 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
     from train.adapter_io import CHECKPOINT_METHODS, adapter_tensors, peft_config, save_adapter, save_checkpoint, save_crf
     from train.config import load_config, save_config
     from train.data import encode, load_dataset
-    from train.loop import evaluate, pick_device, train
+    from train.loop import evaluate, pick_device, train, use_bf16
     from train.model import base_model_path, build_model
     from train.tagging import encode_tagged, load_tagging_dataset
 
-    cfg = load_config(config_path, overrides)
+    asked = load_config(config_path, overrides)  # written to RUN/config.yaml: it reproduces the run on any machine
+    cfg = asked.for_precision(use_bf16(asked, pick_device(asked)))
     tagging = cfg.task == "tagging"
     data = load_tagging_dataset(cfg) if tagging else load_dataset(cfg)
     base_path = base_model_path(cfg.base_model)
@@ -76,6 +77,7 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
         "samples_per_second": result.samples_per_second,
         "peak_memory_mb": result.peak_memory_mb,
         "bf16": result.bf16,
+        "without_bf16_applied": [] if result.bf16 else list(asked.without_bf16),  # the config entries bf16's absence set
         "cuda_graph_shapes": [list(shape) for shape in result.cuda_graph_shapes],  # empty unless cuda_graphs=true
         "device": str(pick_device(cfg)),
         "torch_threads": torch.get_num_threads(),
@@ -94,7 +96,7 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
             save_adapter(tmp / "adapter", peft_config(cfg, model, str(base_path)), tensors, data.label_names)
         if model.crf is not None:
             save_crf(tmp / "adapter", model.crf)
-        save_config(cfg, tmp / "config.yaml")
+        save_config(asked, tmp / "config.yaml")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         run_dir.mkdir(exist_ok=True)
         for name in ("adapter", "config.yaml", "metrics.json"):

@@ -15,6 +15,9 @@ METHODS = ("p_tuning_v2", "lora", "prompt_tuning", "p_tuning", "full", "head")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 TASKS = ("classification", "tagging")
 HEADS = ("linear", "crf")
+# The keys a without_bf16 entry may set: how the run optimises, never what it builds (the export reads the rest back)
+SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "head_lr", "weight_decay", "optimizer", "momentum", "label_smoothing",
+                 "class_weights", "warmup_ratio", "max_grad_norm", "max_steps", "patience", "gradient_checkpointing")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ class RunConfig:
     patience: int = 0  # stop once the dev score has not improved for this many epochs; 0 = run all epochs
     seed: int = 42
     bf16: str = "auto"  # auto (on where the hardware has native bf16) | true | false
+    # key=value entries that replace the keys above where bf16 autocast is off (a CPU without native bf16, or bf16=false),
+    # e.g. a shorter schedule for the slower fp32 steps; keys given as command-line overrides win over them
+    without_bf16: tuple[str, ...] = ()
     device: str = "auto"  # auto | cpu | cuda
     gradient_checkpointing: bool = False  # recompute encoder layers in the backward pass: less memory, ~30 % slower steps
     # GPU only: replay each batch shape's forward+backward from a CUDA graph (batches padded to a multiple of 16 tokens);
@@ -124,6 +130,28 @@ class RunConfig:
             raise ConfigError(f"patience={self.patience} must be 0 (off) or more")
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules must name at least one module")
+        if self.without_bf16:
+            self._check_without_bf16()
+
+    def _check_without_bf16(self) -> None:
+        """Refuse, on every machine, a without_bf16 entry that would fail only on a machine without bf16."""
+        entries = parse_overrides(list(self.without_bf16), "without_bf16")
+        for key in entries:
+            if key not in SCHEDULE_KEYS:
+                raise ConfigError(f"without_bf16 sets {key}; it may set only how the run optimises: {', '.join(SCHEDULE_KEYS)}")
+        try:
+            self.for_precision(bf16=False)
+        except ConfigError as e:
+            raise ConfigError(
+                f"without_bf16={','.join(self.without_bf16)}: {e} (where bf16 is off; set the key itself, or without_bf16=)"
+            ) from None
+
+    def for_precision(self, bf16: bool) -> RunConfig:
+        """The config a run trains with: this one where bf16 autocast is on, else with the without_bf16 entries applied."""
+        if bf16 or not self.without_bf16:
+            return self
+        entries = parse_overrides(list(self.without_bf16), "without_bf16")
+        return dataclasses.replace(self, without_bf16=(), **{k: _coerce(k, v) for k, v in entries.items()})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -171,15 +199,15 @@ def _check_key(key: str, source: str) -> None:
         raise ConfigError(f"unknown config key {key!r} in {source} (valid keys: {valid})")
 
 
-def parse_overrides(items: list[str]) -> dict[str, str]:
+def parse_overrides(items: list[str], source: str = "overrides") -> dict[str, str]:
     """Parse ``key=value`` strings into a dict, refusing malformed items and unknown keys."""
     out = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"{'override' if source == 'overrides' else source + ' entry'} {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         key = key.strip()
-        _check_key(key, "overrides")
+        _check_key(key, source)
         out[key] = value
     return out
 
@@ -204,8 +232,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for key, value in loaded.items():
             _check_key(str(key), str(p))
             values[key] = value
-    values.update(parse_overrides(overrides or []))
-    return RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    explicit = parse_overrides(overrides or [])
+    values.update(explicit)
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    if coerced.get("without_bf16"):  # a key the command line sets is not replaced where bf16 is off
+        coerced["without_bf16"] = tuple(e for e in coerced["without_bf16"] if e.split("=", 1)[0].strip() not in explicit)
+    return RunConfig(**coerced)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
