@@ -1,4 +1,5 @@
-"""``python -m export --run runs/NAME``: RUN/adapter -> RUN/export (model.onnx, tokenizer, labels, manifest)."""
+"""``python -m export --run runs/NAME``: RUN/adapter -> RUN/export (model.onnx, model.int8.onnx, model.fp16.onnx, tokenizer,
+labels, manifest, triton/)."""
 
 from __future__ import annotations
 
@@ -125,6 +126,33 @@ def int8_graph(tmp: Path, session, tok, run, label_names: list[str], max_length:
     return check_int8(session, int8_session, tok, list(dev.texts), labels, max_length, max_drop)
 
 
+def fp16_graph(tmp: Path, session, tok, run, tagging: bool, max_length: int, crf):
+    """Write tmp/model.fp16.onnx and return (its gate against the fp32 graph, None): the dev split's logits
+    (classifier, as the int8 gate), or every dev sentence's emissions and tags (tagger). A failed gate removes the file
+    and returns (None, why): the model is beyond fp16, not the export broken (export/fp16.py), so the gated fp32 export
+    is still written, with the reason in the manifest (``fp16_skipped``). A conversion that breaks the graph raises.
+    """
+    from export.fp16 import FILE, convert_fp16, gate_classifier, gate_tagger, open_fp16
+    from train.errors import ParityError
+    from train.tagging import decode_tags
+
+    kept = convert_fp16(tmp / "model.onnx", tmp / FILE)
+    fp16_session = open_fp16(tmp / FILE)
+    dev = dev_split(run)
+
+    def decode(emissions, mask):  # an emissions-only graph: the server's decode, with the same CRF
+        return decode_tags(crf, torch.from_numpy(emissions), torch.from_numpy(mask)).numpy()
+
+    try:
+        if tagging:
+            return gate_tagger(session, fp16_session, tok, list(dev.tokens), max_length, kept, decode), None
+        return gate_classifier(session, fp16_session, tok, list(dev.texts), max_length, kept), None
+    except ParityError as e:
+        del fp16_session
+        (tmp / FILE).unlink()
+        return None, f"{e}; {FILE} not written"
+
+
 def replace_folder(tmp: Path, target: Path) -> None:
     """Move a completed folder into place, replacing an older one only once the new one is complete."""
     tmp.chmod(0o755)  # staging folders are private; the export folder is for deploying
@@ -147,13 +175,17 @@ def export_run(
     decode: bool = True,
     adapter_dir: Path | None = None,
     data: str = "",
+    fp16: bool = True,
+    triton: bool = True,
 ) -> dict:
-    """Export RUN/adapter to RUN/export through the parity gate (and an int8 graph through its accuracy gate).
+    """Export RUN/adapter to RUN/export through the parity gate (and an int8 graph through its accuracy gate, an fp16
+    graph through its gate against the fp32 graph (a failed one skips it, see fp16_graph), and a Triton model
+    repository in RUN/export/triton/).
 
     A tagger's graph decodes tags (CRF Viterbi or argmax) unless ``decode`` is off (emissions only, the CRF in
     crf.json for the server to decode); the int8 graph is for classifiers only. ``adapter_dir`` (default RUN/adapter)
     may be any adapter folder, PEFT-written ones included; ``data`` then names the dataset whose dev split the parity
-    gate uses (default: the run's config.yaml).
+    gate uses (default: the run's config.yaml). ``fp16`` / ``triton`` off: no model.fp16.onnx / no triton/.
 
     Returns the manifest. Raises EdgetuneError subclasses; on any failure no export folder is left behind.
     """
@@ -208,6 +240,9 @@ def export_run(
             prefix_op = export_prefix_op(tmp, lambda s: check_parity(s, eager, bare, tok, texts, max_length, tolerance))
         use_int8 = int8 and not tagging
         gate = int8_graph(tmp, session, tok, cfg, adapter.label_names, max_length, int8_max_drop) if use_int8 else None
+        half, half_skipped = (None, "not asked for (--no-fp16)")
+        if fp16:
+            half, half_skipped = fp16_graph(tmp, session, tok, cfg, tagging, max_length, eager.crf)
         if tagging and not decode and eager.crf is not None:  # the server decodes emissions with this CRF
             (tmp / "crf.json").write_text(json.dumps({k: v.tolist() for k, v in eager.crf.state_dict().items()}))
         for name in TOKENIZER_FILES:
@@ -218,6 +253,12 @@ def export_run(
         plain_config["attn_implementation"] = None
         (tmp / "config.json").write_text(json.dumps(plain_config, indent=2, default=str))
         (tmp / "labels.json").write_text(json.dumps(adapter.label_names, indent=1))
+        repo = None
+        if triton:
+            from export.triton_repo import write_triton_repo
+
+            name = (run_dir.resolve() if run_dir.name in ("", ".", "..") else run_dir).name
+            repo = write_triton_repo(tmp, name, adapter.label_names, max_length, tok.pad_token, not tagging)
         manifest = {
             "method": adapter.method,
             "task": "token-classification" if tagging else "sequence-classification",
@@ -241,6 +282,9 @@ def export_run(
             "parity": parity.to_dict(),
             "int8": gate.to_dict() if gate else None,
             "prefix_op": prefix_op,
+            "fp16": half.to_dict() if half else None,
+            "fp16_skipped": half_skipped,
+            "triton": repo,
             "export_seconds": round(time.perf_counter() - t0, 1),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -268,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--no-int8", action="store_true", help="do not write the int8 graph for CPU serving")
     ap.add_argument("--int8-max-drop", type=float, default=0.01, help="dev accuracy the int8 graph may lose (default 0.01)")
+    ap.add_argument("--no-fp16", action="store_true", help="do not write the fp16 graph (model.fp16.onnx) for GPU serving")
+    ap.add_argument("--no-triton", action="store_true", help="do not write the Triton model repository (RUN/export/triton/)")
     ap.add_argument(
         "--emissions-only", action="store_true", help="tagging: the graph returns emissions; the server decodes (crf.json)"
     )
@@ -285,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             not args.emissions_only,
             Path(args.adapter) if args.adapter else None,
             args.data,
+            not args.no_fp16,
+            not args.no_triton,
         )
     except EdgetuneError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -302,6 +350,18 @@ def main(argv: list[str] | None = None) -> int:
             f"int8: model.int8.onnx dev accuracy {q['dev_accuracy_int8']:.4f} vs fp32 {q['dev_accuracy_fp32']:.4f} "
             f"({q['n_samples']} dev sentences, {q['argmax_agree_with_fp32']:.1%} same class as fp32)"
         )
+    if m["fp16"]:
+        q = m["fp16"]
+        print(
+            f"fp16: model.fp16.onnx max |diff| {q['max_rel_diff']:.2e} of max |fp32| ({q['output']}, {q['n_samples']} dev "
+            f"sentences, tolerance {q['tolerance']:g}), {q['argmax_agree']:.0%} same "
+            + ("class" if q["output"] == "logits" else "tags")
+        )
+    elif not args.no_fp16:  # the gate failed: the export stands, without the fp16 graph
+        print(f"warning: {m['fp16_skipped']}", file=sys.stderr)
+    if m["triton"]:
+        q = m["triton"]
+        print(f"triton: {args.run}/export/{q['dir']}/ (models {', '.join(q['models'].values())}; graph {q['graph_file']})")
     if m["prefix_op"]:
         q = m["prefix_op"]
         print(

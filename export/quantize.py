@@ -38,16 +38,25 @@ def quantize_int8(src: Path, dst: Path) -> None:
     )
 
 
-def predict_onnx(session, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
-    """Class ids from an onnxruntime session, batches of similar length."""
+def logits_onnx(session, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Logits (N, labels) from an onnxruntime session, in the order of ``texts``, run in batches of similar length."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    preds = np.empty(len(texts), dtype=np.int64)
+    logits = None
     for j in range(0, len(order), batch_size):
         idx = order[j : j + batch_size]
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="np")
         feeds = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
-        preds[idx] = session.run(["logits"], feeds)[0].argmax(-1)
-    return preds
+        out = session.run(["logits"], feeds)[0]
+        if logits is None:
+            logits = np.empty((len(texts), out.shape[-1]), dtype=out.dtype)
+        logits[idx] = out
+    return logits if logits is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def predict_onnx(session, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Class ids from an onnxruntime session, batches of similar length."""
+    logits = logits_onnx(session, tokenizer, texts, max_length, batch_size)
+    return logits.argmax(-1).astype(np.int64) if len(logits) else np.empty(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
