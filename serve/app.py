@@ -1,82 +1,347 @@
-"""The HTTP service: POST /predict, GET /health, GET /ready. One exception boundary turns failures into JSON errors."""
+"""The HTTP service: ``POST /predict``, the Open Inference Protocol v2 (with its repository extension), ``/metrics``,
+``/openapi.json`` and the health routes, over a Repository of models with a batching scheduler each.
+
+One boundary (``endpoint``) checks the API key, counts the request, and turns every failure into a JSON error of its
+kind; anything unexpected is a 500 logged with the request id, and the server keeps serving.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serve.runtime import Classifier, ServeError
+from serve import protocol
+from serve.errors import ApiError
+from serve.metrics import Metrics
+from serve.openapi import openapi
+from serve.repository import Entry, Repository
+from serve.runtime import ServeError, TextTooLong
 
 log = logging.getLogger("edgetune.serve")
-MAX_TEXTS = 256
-MAX_CHARS = 20_000
+VERSION = "0.1.0"
 
 
-class BadRequest(Exception):
-    pass
+@dataclass(frozen=True)
+class ServerLimits:
+    payload_limit: int = 2_000_000  # bytes of request body
+    max_client_batch: int = 256  # texts per request
+    max_concurrent_requests: int = 512  # requests in flight per model; more get 429
+    request_timeout: float = 30.0  # seconds; then 504 and the request's rows are cancelled
+    truncate: bool = True  # default for requests that do not say
 
 
-def _parse(body: bytes) -> tuple[list[str], int]:
+class State:
+    """What the routes share: the repository, the limits, the API key, and whether the server is draining."""
+
+    def __init__(self, repo: Repository, limits: ServerLimits, api_key: str | None) -> None:
+        self.repo = repo
+        self.limits = limits
+        self.api_key = api_key
+        self.draining = False
+        self.metrics: Metrics = repo.metrics
+
+    def ready(self) -> bool:
+        return not self.draining and bool(self.repo.entries)
+
+
+def error_response(e: ApiError, request_id: str) -> Response:
+    headers = {**e.headers, "X-Request-Id": request_id}
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+Handler = Callable[[Request, State], Awaitable[Response]]
+OPEN_ROUTES = ("/health", "/v2/health/live", "/v2/health/ready")  # no API key: probes
+
+
+def endpoint(route: str, handler: Handler, state: State) -> Callable[[Request], Awaitable[Response]]:
+    async def serve(request: Request) -> Response:
+        t0 = time.perf_counter()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        request.state.model = request.path_params.get("name", "")
+        try:
+            if state.api_key and route not in OPEN_ROUTES:
+                check_key(request, state.api_key)
+            response = await handler(request, state)
+        except ApiError as e:
+            response = error_response(e, request_id)
+        except Exception:  # a bug: log it with the request id, answer 500, keep serving
+            log.exception("request %s %s %s failed", request_id, request.method, request.url.path)
+            response = error_response(ApiError("internal", f"internal error (request id {request_id})"), request_id)
+        response.headers.setdefault("X-Request-Id", request_id)
+        model = request.state.model
+        state.metrics.requests.labels(model, route, str(response.status_code)).inc()
+        state.metrics.request_seconds.labels(model, route).observe(time.perf_counter() - t0)
+        return response
+
+    return serve
+
+
+def check_key(request: Request, key: str) -> None:
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError("unauthorized", "missing or wrong API key: send Authorization: Bearer <key>",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over the limit (Content-Length, or the bytes so far)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError("malformed", f"Content-Length {length!r} is not a number")
+        if int(length) > limit:
+            raise ApiError("payload_too_large", f"the body has {int(length)} bytes; the limit is {limit} (--payload-limit)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError("payload_too_large", f"the body is over the {limit}-byte limit (--payload-limit)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> object:
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest('body is not valid JSON; send {"texts": ["..."]}') from None
-    if not isinstance(payload, dict) or "texts" not in payload:
-        raise BadRequest('body must be a JSON object with a "texts" list')
-    texts = payload["texts"]
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError("malformed", "the body is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ApiError("malformed", f'the body is not valid JSON ({e}); send {{"texts": ["..."]}}') from None
+
+
+def check_texts(texts: object, limit: int) -> list[str]:
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, list) or not texts:
-        raise BadRequest('"texts" must be a non-empty list of strings')
-    if len(texts) > MAX_TEXTS:
-        raise BadRequest(f'"texts" holds {len(texts)} items; at most {MAX_TEXTS} per request')
+        raise ApiError("validation", '"texts" must be a non-empty list of strings')
+    if len(texts) > limit:
+        raise ApiError("validation", f'"texts" holds {len(texts)} items; at most {limit} per request (--max-client-batch)')
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise BadRequest(f"texts[{i}] is a {type(t).__name__}, not a string")
-        if len(t) > MAX_CHARS:
-            raise BadRequest(f"texts[{i}] has {len(t)} characters; at most {MAX_CHARS}")
+            raise ApiError("validation", f"texts[{i}] is a {type(t).__name__}, not a string")
+    return texts
+
+
+def flag(payload: dict, key: str, default: bool) -> bool:
+    value = payload.get(key, default)
+    if not isinstance(value, bool):
+        raise ApiError("validation", f'"{key}" must be true or false')
+    return value
+
+
+async def infer(request: Request, state: State, entry: Entry, texts: list[str], truncate: bool) -> tuple[list, list]:
+    """(rows, outputs) of texts on a model: admitted (or 429), tokenised off the event loop, queued for the scheduler,
+    awaited until done, the client goes away (rows dropped), or the request times out (504, rows dropped)."""
+    m, name = state.metrics, entry.name
+    state.repo.acquire(entry, state.limits.max_concurrent_requests)
+    try:
+        t0 = time.perf_counter()
+        try:
+            rows = await asyncio.to_thread(entry.model.rows, texts, truncate)
+        except TextTooLong as e:
+            raise ApiError("validation", str(e)) from None
+        except ServeError as e:
+            raise ApiError("validation", str(e)) from None
+        m.tokenize_seconds.labels(name).observe(time.perf_counter() - t0)
+        futures = entry.scheduler.submit(rows)
+        done = asyncio.gather(*futures)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            finished, _ = await asyncio.wait(
+                {done, gone}, timeout=state.limits.request_timeout or None, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            gone.cancel()
+        if done not in finished:
+            for f in futures:
+                f.cancel()
+            done.cancel()
+            if gone in finished:
+                raise ApiError("malformed", "the client went away")  # nobody reads this answer
+            raise ApiError("timeout", f"the request took over {state.limits.request_timeout:g} s (--request-timeout)")
+        outputs = done.result()
+        m.texts.labels(name).inc(len(rows))
+        if n := sum(r.truncated for r in rows):
+            m.truncated.labels(name).inc(n)
+        return rows, outputs
+    finally:
+        state.repo.release(entry)
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# routes
+
+
+async def predict(request: Request, state: State) -> Response:
+    if not state.ready():
+        raise ApiError("unavailable", "the server is not ready (starting or draining)")
+    payload = parse_json(await read_body(request, state.limits.payload_limit))
+    if not isinstance(payload, dict) or "texts" not in payload:
+        raise ApiError("validation", 'the body must be a JSON object with a "texts" list')
+    texts = check_texts(payload["texts"], state.limits.max_client_batch)
     top_k = payload.get("top_k", 1)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise BadRequest('"top_k" must be a positive integer')
-    return texts, top_k
+        raise ApiError("validation", '"top_k" must be a positive integer')
+    name = payload.get("model")
+    if name is not None and not isinstance(name, str):
+        raise ApiError("validation", '"model" must be a string')
+    entry = state.repo.get(name)
+    request.state.model = entry.name
+    rows, outputs = await infer(request, state, entry, texts, flag(payload, "truncate", state.limits.truncate))
+    model = entry.model
+    return JSONResponse({"predictions": [model.result(r, o, top_k) for r, o in zip(rows, outputs, strict=True)]})
 
 
-def create_app(classifier: Classifier) -> Starlette:
-    """The Starlette app around one loaded classifier (loaded once, shared by all requests)."""
+async def health(request: Request, state: State) -> Response:
+    return JSONResponse({"status": "ok"})
 
-    async def predict(request: Request) -> JSONResponse:
-        try:
-            texts, top_k = _parse(await request.body())
-            results = await run_in_threadpool(classifier.predict, texts, min(top_k, len(classifier.labels)))
-        except (BadRequest, ServeError) as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
-        except Exception as e:  # the one boundary: log it, answer 500, keep serving
-            log.exception("predict failed")
-            return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
-        return JSONResponse({"predictions": results})
 
-    async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+async def ready(request: Request, state: State) -> Response:
+    if not state.ready():
+        raise ApiError("unavailable", "the server is not ready (starting or draining)")
+    entry = state.repo.get(request.query_params.get("model"))
+    c, m = entry.model, entry.model.manifest
+    return JSONResponse(
+        {
+            "status": "ready", "model": entry.name, "method": m["method"], "task": c.task, "provider": c.provider,
+            "precision": c.precision, "graph": c.graph, "labels": len(c.labels), "adapter_sha256": m["adapter_sha256"],
+        }
+    )  # fmt: skip
 
-    async def ready(request: Request) -> JSONResponse:
-        m = classifier.manifest
-        return JSONResponse(
-            {
-                "status": "ready",
-                "method": m["method"],
-                "task": m.get("task", "sequence-classification"),
-                "provider": classifier.provider,
-                "precision": classifier.precision,
-                "graph": classifier.graph,
-                "labels": len(classifier.labels),
-                "adapter_sha256": m["adapter_sha256"],
-            }
-        )
 
-    return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health), Route("/ready", ready)])
+async def v2_server(request: Request, state: State) -> Response:
+    return JSONResponse({"name": "edgetune", "version": VERSION, "extensions": ["model_repository", "binary_tensor_data"]})
+
+
+async def v2_live(request: Request, state: State) -> Response:
+    return JSONResponse({"live": True})
+
+
+async def v2_ready(request: Request, state: State) -> Response:
+    if not state.ready():
+        raise ApiError("unavailable", "the server is not ready (starting or draining)")
+    return JSONResponse({"ready": True})
+
+
+def _entry(request: Request, state: State) -> Entry:
+    version = request.path_params.get("version")
+    if version not in (None, "1"):
+        raise ApiError("not_found", f"model {request.path_params['name']!r} has version 1 only, not {version!r}")
+    return state.repo.get(request.path_params["name"])
+
+
+async def v2_model(request: Request, state: State) -> Response:
+    entry = _entry(request, state)
+    c = entry.model
+    meta = protocol.metadata(entry.name, c.task, len(c.labels), "edgetune_onnxruntime")
+    meta["parameters"] = {"method": c.manifest["method"], "labels": c.labels, "max_length": c.max_length}
+    return JSONResponse(meta)
+
+
+async def v2_model_ready(request: Request, state: State) -> Response:
+    entry = _entry(request, state)
+    if state.draining:
+        raise ApiError("unavailable", "the server is draining")
+    return JSONResponse({"name": entry.name, "ready": True})
+
+
+async def v2_infer(request: Request, state: State) -> Response:
+    if not state.ready():
+        raise ApiError("unavailable", "the server is not ready (starting or draining)")
+    entry = _entry(request, state)
+    body = await read_body(request, state.limits.payload_limit)
+    req, texts = protocol.parse_infer(body, request.headers.get("inference-header-content-length"))
+    texts = check_texts(texts, state.limits.max_client_batch)
+    params = req.get("parameters") if isinstance(req.get("parameters"), dict) else {}
+    rows, outputs = await infer(request, state, entry, texts, flag(params, "truncate", state.limits.truncate))
+    c = entry.model
+    preds = [c.result(r, o, len(c.labels) if c.task != "token-classification" else 1) for r, o in zip(rows, outputs, strict=True)]
+    tensors = protocol.output_tensors(c.task, preds, outputs if c.task != "token-classification" else None)
+    data, headers = protocol.infer_response(entry.name, req, tensors)
+    media = "application/octet-stream" if headers else "application/json"
+    return Response(data, media_type=media, headers=headers)
+
+
+async def v2_index(request: Request, state: State) -> Response:
+    await read_body(request, state.limits.payload_limit)
+    return JSONResponse(state.repo.index())
+
+
+async def v2_load(request: Request, state: State) -> Response:
+    await read_body(request, state.limits.payload_limit)
+    await state.repo.load(request.path_params["name"])
+    return JSONResponse({})
+
+
+async def v2_unload(request: Request, state: State) -> Response:
+    await read_body(request, state.limits.payload_limit)
+    await state.repo.unload(request.path_params["name"])
+    return JSONResponse({})
+
+
+async def metrics(request: Request, state: State) -> Response:
+    data, content_type = state.metrics.render()
+    return Response(data, media_type=content_type)
+
+
+async def openapi_json(request: Request, state: State) -> Response:
+    return JSONResponse(openapi(VERSION))
+
+
+ROUTES = [
+    ("/predict", predict, ["POST"]),
+    ("/health", health, ["GET"]),
+    ("/ready", ready, ["GET"]),
+    ("/metrics", metrics, ["GET"]),
+    ("/openapi.json", openapi_json, ["GET"]),
+    ("/v2", v2_server, ["GET"]),
+    ("/v2/health/live", v2_live, ["GET"]),
+    ("/v2/health/ready", v2_ready, ["GET"]),
+    ("/v2/models/{name}", v2_model, ["GET"]),
+    ("/v2/models/{name}/versions/{version}", v2_model, ["GET"]),
+    ("/v2/models/{name}/ready", v2_model_ready, ["GET"]),
+    ("/v2/models/{name}/versions/{version}/ready", v2_model_ready, ["GET"]),
+    ("/v2/models/{name}/infer", v2_infer, ["POST"]),
+    ("/v2/models/{name}/versions/{version}/infer", v2_infer, ["POST"]),
+    ("/v2/repository/index", v2_index, ["POST"]),
+    ("/v2/repository/models/{name}/load", v2_load, ["POST"]),
+    ("/v2/repository/models/{name}/unload", v2_unload, ["POST"]),
+]
+
+
+def create_app(repo: Repository, limits: ServerLimits | None = None, api_key: str | None = None) -> Starlette:
+    """The Starlette app over a loaded repository."""
+    state = State(repo, limits or ServerLimits(), api_key)
+    routes = [Route(path, endpoint(path, handler, state), methods=methods) for path, handler, methods in ROUTES]
+
+    async def http_error(request: Request, exc: Exception) -> Response:  # unknown routes and wrong methods
+        assert isinstance(exc, HTTPException)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "malformed")
+        allowed = exc.headers or {}
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        response = error_response(ApiError(kind, message, headers=dict(allowed)), request.headers.get("x-request-id", ""))
+        state.metrics.requests.labels("", "other", str(response.status_code)).inc()
+        return response
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.state.edgetune = state
+    return app

@@ -1,9 +1,14 @@
-"""Load an export folder once and classify texts with onnxruntime + tokenizers + numpy (no torch)."""
+"""Load an export folder once and classify texts with onnxruntime + tokenizers + numpy (no torch).
+
+A request's texts become rows (token ids, truncated or not); rows of any requests run together in one padded batch
+(``run``); each row's output becomes its prediction (``result``). ``classify`` / ``predict`` do all three at once.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +17,40 @@ from tokenizers import Tokenizer
 
 # the custom-op library for model.prefix_op.onnx (make kernels); EDGETUNE_KERNELS overrides the path
 KERNELS_LIBRARY = Path(__file__).resolve().parents[1] / "build" / "kernels" / "libedgetune_ort.so"
+GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 
 
 class ServeError(Exception):
     """A problem with the export folder or a request; the message says what is wrong."""
 
 
+class TextTooLong(ServeError):
+    """A text over the model's token limit, with truncation off."""
+
+    def __init__(self, index: int, tokens: int, limit: int) -> None:
+        super().__init__(f'texts[{index}] has {tokens} tokens; the model takes at most {limit} (send "truncate": true)')
+        self.index, self.tokens, self.limit = index, tokens, limit
+
+
+@dataclass
+class Row:
+    """One text, tokenised: what the scheduler batches. Taggers also keep the words and their first word pieces."""
+
+    ids: list[int]
+    truncated: bool
+    words: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # the first word piece of each kept word
+    kept: list[int] = field(default_factory=list)  # which word each of those is
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 def pick_providers(requested: str = "auto", tf32: bool = False) -> list:
     """CUDA when onnxruntime-gpu is installed (or asked for), else CPU.
 
-    onnxruntime's CUDA provider computes fp32 MatMuls in TF32 unless told otherwise: measured on an H100, that moved
-    the default run's logits by 8.9e-3 (same argmax on 82 dev sentences) against 1.3e-5 without it, for 1.0-1.7x speed.
-    So TF32 is off unless asked for.
+    onnxruntime's CUDA provider computes fp32 MatMuls in TF32 unless told otherwise, which moves the logits by ~1e-2
+    (docs/BENCHMARKS.md); so TF32 is off unless asked for.
     """
     available = ort.get_available_providers()
     if requested == "cpu":
@@ -42,6 +69,14 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def pad(rows: list[list[int]], value: int = 0) -> np.ndarray:
+    """Rows of ints as one (len(rows), longest) int64 array, padded with ``value``."""
+    out = np.full((len(rows), max(1, max(len(r) for r in rows))), value, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 class Classifier:
     """The exported model, its tokenizer and labels. ``classify(texts)`` -> one dict per text."""
 
@@ -53,33 +88,46 @@ class Classifier:
         precision: str = "fp32",
         tf32: bool = False,
         kernels: str | Path | None = None,
+        threads: int = 0,
     ) -> None:
         d = Path(export_dir)
-        if precision not in ("fp32", "int8"):
-            raise ServeError(f"precision {precision!r} must be fp32 or int8")
-        model = "model.onnx" if precision == "fp32" else "model.int8.onnx"
+        if precision not in GRAPHS:
+            raise ServeError(f"precision {precision!r} must be one of {', '.join(GRAPHS)}")
+        model = GRAPHS[precision]
         for name in (model, "tokenizer.json", "labels.json", "manifest.json"):
             if not (d / name).is_file():
                 hint = "export without --no-int8" if name == "model.int8.onnx" else "run `make export` first"
                 raise ServeError(f"export folder {d} has no {name} ({hint})")
         self.export_dir = d
         self.precision = precision
-        self.manifest = json.loads((d / "manifest.json").read_text())
-        self.labels = json.loads((d / "labels.json").read_text())
+        self.manifest = _read_json(d / "manifest.json")
+        self.labels = _read_json(d / "labels.json")
+        if not isinstance(self.labels, list) or not self.labels or not all(isinstance(x, str) for x in self.labels):
+            raise ServeError(f"{d / 'labels.json'} must be a non-empty list of label names")
         self.max_length = int(max_length or self.manifest.get("max_length", 128))
         if self.max_length > int(self.manifest.get("max_positions", 512)):
             raise ServeError(f"max_length {self.max_length} exceeds the model's {self.manifest['max_positions']} positions")
-        self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises its own Exception type for a malformed file
+            raise ServeError(f"{d / 'tokenizer.json'} is not a tokenizer: {e}") from None
+        self.tokenizer.no_padding()  # rows are padded per batch (pad), not per request
+        self.full_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())  # untruncated: counts a refused text's tokens
+        self.full_tokenizer.no_truncation()
         self.tokenizer.enable_truncation(self.max_length)
         config_path = d / "tokenizer_config.json"
-        pad = json.loads(config_path.read_text()).get("pad_token") if config_path.is_file() else None
-        pad = (pad.get("content") if isinstance(pad, dict) else pad) or "[PAD]"
-        pad_id = self.tokenizer.token_to_id(pad)
+        pad_token = _read_json(config_path).get("pad_token") if config_path.is_file() else None
+        pad_token = (pad_token.get("content") if isinstance(pad_token, dict) else pad_token) or "[PAD]"
+        pad_id = self.tokenizer.token_to_id(pad_token)
         if pad_id is None:
-            raise ServeError(f"the tokenizer has no padding token {pad!r}")
-        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad)
+            raise ServeError(f"the tokenizer has no padding token {pad_token!r}")
+        self.pad_id = pad_id
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:  # the cores this model's runs may use; one run at a time, so no inter-op pool
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         chosen = pick_providers(providers, tf32)
         library = Path(kernels or os.environ.get("EDGETUNE_KERNELS") or KERNELS_LIBRARY)
         on_cuda = chosen[0] != "CPUExecutionProvider"
@@ -90,46 +138,80 @@ class Classifier:
             opts.register_custom_ops_library(str(library))
             model = "model.prefix_op.onnx"
         self.graph = model
-        self.session = ort.InferenceSession(str(d / model), opts, providers=chosen)
+        try:
+            self.session = ort.InferenceSession(str(d / model), opts, providers=chosen)
+        except Exception as e:  # onnxruntime's own exception types: a truncated or foreign file
+            raise ServeError(f"{d / model} does not load in onnxruntime: {e}") from None
+        self.inputs = {i.name for i in self.session.get_inputs()}
 
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
-    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer.encode_batch(texts)
-        return {
-            "input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64),
+    @property
+    def task(self) -> str:
+        return self.manifest.get("task", "sequence-classification")
+
+    # rows: tokenise, batch, read back
+
+    def rows(self, texts: list[str], truncate: bool = True) -> list[Row]:
+        """Token ids of each text, cut to max_length; with ``truncate`` off, a text over it raises TextTooLong."""
+        out = []
+        for i, e in enumerate(self.tokenizer.encode_batch(texts)):
+            if e.overflowing and not truncate:
+                raise TextTooLong(i, len(self.full_tokenizer.encode(texts[i]).ids), self.max_length)
+            out.append(Row(e.ids, bool(e.overflowing)))
+        return out
+
+    def feeds(self, rows: list[Row]) -> dict[str, np.ndarray]:
+        ids = pad([r.ids for r in rows], self.pad_id)
+        return {"input_ids": ids, "attention_mask": pad([[1] * len(r) for r in rows])}
+
+    def run(self, rows: list[Row]) -> list[np.ndarray]:
+        """One session run over rows of any lengths (padded to the longest): each row's logits."""
+        return list(self.session.run(["logits"], self.feeds(rows))[0])
+
+    def result(self, row: Row, out: np.ndarray, top_k: int = 1) -> dict:
+        probs = softmax(out.astype(np.float64))
+        order = np.argsort(-probs)[: max(1, min(top_k, len(self.labels)))]
+        pred = {
+            "label": self.labels[order[0]],
+            "score": float(probs[order[0]]),
+            "top": [{"label": self.labels[i], "score": float(probs[i])} for i in order],
         }
+        if row.truncated:
+            pred["truncated"] = True
+        return pred
+
+    # the whole path at once
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return self.feeds(self.rows(texts))
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        return self.session.run(["logits"], self.encode(texts))[0]
+        return np.stack(self.run(self.rows(texts)))
 
-    def predict(self, texts: list[str], top_k: int = 1) -> list[dict]:
-        return self.classify(texts, top_k)
+    def predict(self, texts: list[str], top_k: int = 1, truncate: bool = True) -> list[dict]:
+        rows = self.rows(texts, truncate)
+        return [self.result(r, o, top_k) for r, o in zip(rows, self.run(rows), strict=True)]
 
     def classify(self, texts: list[str], top_k: int = 1) -> list[dict]:
-        probs = softmax(self.logits(texts).astype(np.float64))
-        out = []
-        for row in probs:
-            order = np.argsort(-row)[:top_k]
-            out.append(
-                {
-                    "label": self.labels[order[0]],
-                    "score": float(row[order[0]]),
-                    "top": [{"label": self.labels[i], "score": float(row[i])} for i in order],
-                }
-            )
-        return out
+        return self.predict(texts, top_k)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ServeError(f"{path} is not readable JSON: {e}") from None
 
 
 def load_model(export_dir: str | Path, **kw) -> Classifier:
     """The right runtime for an export folder: a Classifier, or a Tagger for a token-classification export."""
     manifest = Path(export_dir) / "manifest.json"
-    task = json.loads(manifest.read_text()).get("task") if manifest.is_file() else None
+    task = _read_json(manifest).get("task") if manifest.is_file() else None
     if task == "token-classification":
-        from serve.tags import Tagger
+        from serve.tags import Tagger  # serve.tags builds on this module: imported here, not at the top
 
         return Tagger(export_dir, **kw)
     return Classifier(export_dir, **kw)

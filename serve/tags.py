@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from serve.runtime import Classifier, ServeError
+from serve.runtime import Classifier, Row, ServeError, TextTooLong, pad
 
 
 def first_pieces(word_ids: list[int | None]) -> tuple[list[int], list[int]]:
@@ -69,53 +69,65 @@ class Tagger(Classifier):
             if path.is_file():
                 self.crf = {k: np.asarray(v, dtype=np.float64) for k, v in json.loads(path.read_text()).items()}
         self.output = "tags" if "tags" in outputs else "emissions"
-        self.inputs = {i.name for i in self.session.get_inputs()}  # an emissions-only graph has no word_mask
+
+    def word_rows(self, words: list[list[str]], truncate: bool = True) -> list[Row]:
+        """Pre-split sentences as rows; words cut off by max_length are tagged O (or, ``truncate`` off, refused)."""
+        if any(not sent for sent in words):
+            raise ServeError(f"texts[{next(i for i, s in enumerate(words) if not s)}] has no words")
+        out = []
+        for i, e in enumerate(self.tokenizer.encode_batch(words, is_pretokenized=True)):
+            if e.overflowing and not truncate:
+                full = self.full_tokenizer.encode(words[i], is_pretokenized=True)
+                raise TextTooLong(i, len(full.ids), self.max_length)
+            positions, kept = first_pieces(e.word_ids)
+            out.append(Row(e.ids, bool(e.overflowing), words[i], positions, kept))
+        return out
+
+    def rows(self, texts: list[str], truncate: bool = True) -> list[Row]:
+        return self.word_rows([t.split() for t in texts], truncate)
+
+    def feeds(self, rows: list[Row]) -> dict[str, np.ndarray]:
+        feeds = super().feeds(rows)
+        feeds["word_index"] = pad([r.positions for r in rows])
+        feeds["word_mask"] = pad([[1] * len(r.positions) for r in rows])
+        return {k: v for k, v in feeds.items() if k in self.inputs}  # an emissions-only graph has no word_mask
+
+    def run(self, rows: list[Row]) -> list[list[int]]:
+        """One session run over rows of any lengths: each row's tag ids, one per kept word."""
+        out = self.session.run([self.output], self.feeds(rows))[0]
+        ids = []
+        for i, row in enumerate(rows):
+            n = len(row.kept)
+            if self.output == "tags":
+                ids.append(out[i, :n].tolist())
+            elif self.crf is not None:
+                ids.append(viterbi(out[i].astype(np.float64), n, self.crf["start"], self.crf["end"], self.crf["transitions"]))
+            else:
+                ids.append(out[i, :n].argmax(-1).tolist())
+        return ids
+
+    def result(self, row: Row, out: list[int], top_k: int = 1) -> dict:
+        tags = ["O"] * len(row.words)
+        for w, t in zip(row.kept, out, strict=True):
+            tags[w] = self.labels[t]
+        entities = [
+            {"type": typ, "text": " ".join(row.words[a : b + 1]), "start_word": a, "end_word": b}
+            for typ, a, b in sorted(spans(tags), key=lambda s: s[1])
+        ]
+        pred = {"words": row.words, "tags": tags, "entities": entities}
+        if row.truncated:
+            pred["truncated"] = True
+        return pred
 
     def encode_words(self, words: list[list[str]]) -> tuple[dict[str, np.ndarray], list[list[int]]]:
         """Graph inputs for pre-split sentences, and which word each kept position is."""
-        enc = self.tokenizer.encode_batch(words, is_pretokenized=True)
-        aligned = [first_pieces(e.word_ids) for e in enc]
-        width = max(1, max(len(p) for p, _ in aligned))
-        word_index = np.zeros((len(enc), width), dtype=np.int64)
-        word_mask = np.zeros((len(enc), width), dtype=np.int64)
-        for i, (pos, _) in enumerate(aligned):
-            word_index[i, : len(pos)] = pos
-            word_mask[i, : len(pos)] = 1
-        feeds = {
-            "input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64),
-            "word_index": word_index,
-            "word_mask": word_mask,
-        }
-        return feeds, [w for _, w in aligned]
+        rows = self.word_rows(words)
+        return Classifier.feeds(self, rows) | {
+            "word_index": pad([r.positions for r in rows]),
+            "word_mask": pad([[1] * len(r.positions) for r in rows]),
+        }, [r.kept for r in rows]
 
     def tag_words(self, words: list[list[str]]) -> list[list[str]]:
         """A tag for every word of every sentence."""
-        if any(not sent for sent in words):
-            raise ServeError("a sentence has no words")
-        feeds, kept = self.encode_words(words)
-        out = self.session.run([self.output], {k: v for k, v in feeds.items() if k in self.inputs})[0]
-        result = []
-        for row, (sent, ws) in enumerate(zip(words, kept, strict=True)):
-            if self.output == "tags":
-                ids = out[row, : len(ws)].tolist()
-            elif self.crf is not None:
-                ids = viterbi(out[row].astype(np.float64), len(ws), self.crf["start"], self.crf["end"], self.crf["transitions"])
-            else:
-                ids = out[row, : len(ws)].argmax(-1).tolist()
-            tags = ["O"] * len(sent)
-            for w, t in zip(ws, ids, strict=True):
-                tags[w] = self.labels[t]
-            result.append(tags)
-        return result
-
-    def predict(self, texts: list[str], top_k: int = 1) -> list[dict]:
-        words = [t.split() for t in texts]
-        out = []
-        for sent, tags in zip(words, self.tag_words(words), strict=True):
-            entities = [
-                {"type": typ, "text": " ".join(sent[a : b + 1]), "start_word": a, "end_word": b}
-                for typ, a, b in sorted(spans(tags), key=lambda s: s[1])
-            ]
-            out.append({"words": sent, "tags": tags, "entities": entities})
-        return out
+        rows = self.word_rows(words)
+        return [self.result(r, o)["tags"] for r, o in zip(rows, self.run(rows), strict=True)]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+TAGGING = ["task=tagging", "data=wnut16", "max_train_samples=64", "max_eval_samples=40"]  # a small WNUT-16 run
 SENTENCES = [
     "I still have not received my new card, I ordered over a week ago.",
     "How do I top up?",
@@ -130,31 +131,52 @@ def request(url: str, body: bytes | None = None) -> tuple[int, dict]:
 
 
 @contextlib.contextmanager
-def serving(export_dir: Path, timeout_s: float = 60) -> Iterator[str]:
-    """``python -m serve`` on ``export_dir`` as a real process on a free port; yields its base URL once /health answers."""
+def serving(export_dir: Path | None = None, *args: str, models: Path | None = None, timeout_s: float = 60,
+            env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]] | Iterator[str]:  # fmt: skip
+    """``python -m serve`` on ``export_dir`` (or the repository ``models``) as a real process on a free port, with
+    ``args``; yields its base URL once ``/v2/health/ready`` answers (and, with ``models``, the process too)."""
+    import os
+    import tempfile
+
     import pytest
 
     root = Path(__file__).resolve().parents[1]
     port = free_port()
-    cmd = [sys.executable, "-m", "serve", "--export", str(export_dir), "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = tempfile.TemporaryFile(
+        mode="a+"
+    )  # not a pipe, which a chatty server could fill; O_APPEND: reads never move its writes
+    where = ["--models", str(models)] if models else ["--export", str(export_dir)]
+    cmd = [sys.executable, "-m", "serve", *where, "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=output, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
+    proc.output = output  # type: ignore[attr-defined]
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read()}")
+                output.seek(0)
+                pytest.fail(f"server exited: {output.read()}")
             try:
-                if request(base + "/health")[0] == 200:
+                if request(base + "/v2/health/ready")[0] == 200:
                     break
             except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.3)
+                pass
+            time.sleep(0.2)
         else:
             pytest.fail(f"server did not come up in {timeout_s:.0f} s")
-        yield base
+        yield (base, proc) if models else base
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        output.close()
+
+
+def server_output(proc: subprocess.Popen) -> str:
+    """What a server started by ``serving`` has printed so far."""
+    proc.output.seek(0)  # type: ignore[attr-defined]
+    return proc.output.read()  # type: ignore[attr-defined]

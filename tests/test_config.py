@@ -82,6 +82,8 @@ def test_bad_without_bf16_entry_is_refused_on_every_machine(entries, message):
 
 
 def test_without_bf16_that_a_crf_cannot_take_is_refused_at_load():
-    with pytest.raises(ConfigError, match=r"without_bf16=epochs=8,label_smoothing=0.1: class_weights / label_smoothing apply.*without_bf16=\)"):
+    with pytest.raises(
+        ConfigError, match=r"without_bf16=epochs=8,label_smoothing=0.1: class_weights / label_smoothing apply.*without_bf16=\)"
+    ):
         load_config("train/configs/default.yaml", ["task=tagging", "head=crf", "data=wnut16"])
     load_config("train/configs/default.yaml", ["task=tagging", "head=crf", "data=wnut16", "label_smoothing=0"])

@@ -14,12 +14,10 @@ from export.eager import load_adapter_model
 from export.parity import fp32_bound
 from serve.tags import spans, viterbi
 from tests.conftest import SMALL, train_small
-from tests.helpers import assert_fp32_equivalent, minilm_path, peft_model, random_peft_adapter, request, serving
+from tests.helpers import TAGGING, assert_fp32_equivalent, minilm_path, peft_model, random_peft_adapter, request, serving
 from train.config import load_config
 from train.errors import ConfigError, DataError, ParityError
 from train.tagging import CRF, WNUT16_SPLIT_SEED, entity_metrics, load_tagging_dataset, read_conll
-
-TAGGING = ["task=tagging", "data=wnut16", "max_train_samples=64", "max_eval_samples=40"]
 
 
 def _path_score(crf: CRF, e: torch.Tensor, path: list[int]) -> torch.Tensor:
@@ -101,7 +99,7 @@ def test_bad_tagging_choices_fail_at_start(tmp_path):
 def test_every_method_tags_and_exports_with_viterbi_in_the_graph(tmp_path, tiny_bert, method):
     from export.__main__ import export_run
 
-    crf = ["head=crf", "label_smoothing=0"]  # the default config's label smoothing is for cross-entropy, not a CRF
+    crf = ["head=crf", "label_smoothing=0"]  # the default config smooths labels without bf16: a cross-entropy option
     run = train_small(tmp_path / "run", method, str(tiny_bert), [*TAGGING, *crf, "head_lr=5e-2"])
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == "tagging" and 0 <= metrics["test_entity_f1"] <= 1 and metrics["test_accuracy"] > 0
@@ -220,7 +218,7 @@ def test_token_cls_adapters_interchange_with_peft(tmp_path, tiny_bert, config):
 
 
 def test_tagger_over_http(minilm_tagger):
-    """The real server process on a tagging export: words, tags and entities back; an empty text is a 400."""
+    """The real server process on a tagging export: words, tags and entities back; a text with no words is a 422."""
     with serving(minilm_tagger / "export") as base:
         status, ready = request(base + "/ready")
         assert status == 200 and ready["task"] == "token-classification"
@@ -230,4 +228,4 @@ def test_tagger_over_http(minilm_tagger):
         assert first["words"] == ["Justin", "Bieber", "in", "New", "York"] and len(first["tags"]) == 5
         assert all({"type", "text", "start_word", "end_word"} <= set(e) for e in first["entities"])
         status, body = request(base + "/predict", json.dumps({"texts": ["   "]}).encode())
-        assert status == 400 and "no words" in body["error"]
+        assert status == 422 and body == {"error": "texts[0] has no words", "error_type": "validation"}

@@ -204,7 +204,9 @@ def parse_overrides(items: list[str], source: str = "overrides") -> dict[str, st
     out = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"{'override' if source == 'overrides' else source + ' entry'} {item!r} is not of the form key=value")
+            raise ConfigError(
+                f"{'override' if source == 'overrides' else source + ' entry'} {item!r} is not of the form key=value"
+            )
         key, value = item.split("=", 1)
         key = key.strip()
         _check_key(key, source)
