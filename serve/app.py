@@ -304,7 +304,7 @@ async def metrics(request: Request, state: State) -> Response:
 
 
 async def openapi_json(request: Request, state: State) -> Response:
-    return JSONResponse(openapi(VERSION))
+    return JSONResponse(openapi(VERSION, min(state.repo.entries, default="")))
 
 
 ROUTES = [

@@ -28,7 +28,7 @@ def _errors(*statuses: int) -> dict:
 GUARDED = (401,)  # with --api-key
 INFER_ERRORS = (400, 401, 404, 413, 422, 429, 503, 504)
 NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}, "example": "1"}
 
 SCHEMAS = {
     "Error": {
@@ -42,8 +42,12 @@ SCHEMAS = {
         "properties": {
             "texts": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
             "top_k": {"type": "integer", "minimum": 1, "default": 1},
-            "model": {"type": "string", "description": "which model, when several are served"},
-            "truncate": {"type": "boolean", "description": "cut texts over the model's length (default: --truncate)"},
+            "model": {"type": "string", "nullable": True, "description": "which model, when several are served"},
+            "truncate": {
+                "type": "boolean",
+                "nullable": True,
+                "description": "cut texts over the model's length (default: --truncate)",
+            },
         },
     },
     "Prediction": {
@@ -94,13 +98,25 @@ SCHEMAS = {
             "data": {"type": "array"},
         },
     },
+    "TextInput": {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "description": "the texts; data (or the binary part) holds as many strings as shape[0]",
+        "properties": {
+            "name": {"type": "string", "enum": ["text"]},
+            "datatype": {"type": "string", "enum": ["BYTES"]},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
+            "parameters": {"type": "object"},
+            "data": {"type": "array"},
+        },
+    },
     "InferRequest": {
         "type": "object",
         "required": ["inputs"],
         "properties": {
             "id": {"type": "string"},
             "parameters": {"type": "object"},
-            "inputs": {"type": "array", "items": _ref("Tensor"), "minItems": 1},
+            "inputs": {"type": "array", "items": _ref("TextInput"), "minItems": 1, "maxItems": 1},
             "outputs": {
                 "type": "array",
                 "items": {
@@ -161,13 +177,15 @@ def _op(summary: str, ok: dict | None, errors: tuple[int, ...], body: str | None
     return op
 
 
-def openapi(version: str) -> dict:
+def openapi(version: str, example_model: str = "") -> dict:
+    """The document; ``example_model`` (a served model's name) is the example of every model-name parameter."""
     obj = {"type": "object"}
+    name = {**NAME, "example": example_model} if example_model else NAME
     infer = _op("Open Inference Protocol v2 inference: BYTES input 'text', typed outputs", _json(_ref("InferResponse")),
-                INFER_ERRORS, "InferRequest", [NAME])  # fmt: skip
-    infer_v = {**infer, "parameters": [NAME, VERSION_PARAM]}
-    meta = _op("Model metadata", _json(_ref("ModelMetadata")), (401, 404, 503), params=[NAME])
-    model_ready = _op("Model readiness", _json(obj), (401, 404, 503), params=[NAME])
+                INFER_ERRORS, "InferRequest", [name])  # fmt: skip
+    infer_v = {**infer, "parameters": [name, VERSION_PARAM]}
+    meta = _op("Model metadata", _json(_ref("ModelMetadata")), (401, 404, 503), params=[name])
+    model_ready = _op("Model readiness", _json(obj), (401, 404, 503), params=[name])
     paths = {
         "/predict": {"post": _op("Predict texts", _json(_ref("PredictResponse")), INFER_ERRORS, "PredictRequest")},
         "/health": {"get": _op("Liveness", _json(obj), ())},
@@ -178,17 +196,17 @@ def openapi(version: str) -> dict:
         "/v2/health/live": {"get": _op("Liveness", _json(obj), ())},
         "/v2/health/ready": {"get": _op("Readiness", _json(obj), (503,))},
         "/v2/models/{name}": {"get": meta},
-        "/v2/models/{name}/versions/{version}": {"get": {**meta, "parameters": [NAME, VERSION_PARAM]}},
+        "/v2/models/{name}/versions/{version}": {"get": {**meta, "parameters": [name, VERSION_PARAM]}},
         "/v2/models/{name}/ready": {"get": model_ready},
-        "/v2/models/{name}/versions/{version}/ready": {"get": {**model_ready, "parameters": [NAME, VERSION_PARAM]}},
+        "/v2/models/{name}/versions/{version}/ready": {"get": {**model_ready, "parameters": [name, VERSION_PARAM]}},
         "/v2/models/{name}/infer": {"post": infer},
         "/v2/models/{name}/versions/{version}/infer": {"post": infer_v},
         "/v2/repository/index": {"post": _op("Every model and its state", _json(_ref("RepositoryIndex")), (401, 413))},
         "/v2/repository/models/{name}/load": {
-            "post": _op("Load or reload a model (swapped in once ready)", _json(obj), (401, 404, 413, 422), params=[NAME])
+            "post": _op("Load or reload a model (swapped in once ready)", _json(obj), (401, 404, 413, 422), params=[name])
         },
         "/v2/repository/models/{name}/unload": {
-            "post": _op("Unload a model (requests in flight finish)", _json(obj), (401, 404, 413, 422), params=[NAME])
+            "post": _op("Unload a model (requests in flight finish)", _json(obj), (401, 404, 413, 422), params=[name])
         },
     }
     return {

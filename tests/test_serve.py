@@ -472,3 +472,49 @@ def test_pick_batch_groups_similar_lengths_within_the_limits():
     assert lengths(0, max_batch_rows=2) == [10, 11] or lengths(0, max_batch_rows=2) == [9, 10]
     assert lengths(1, max_batch_tokens=100) == [60]  # two 60s would be 120 padded tokens
     assert lengths(0, max_batch_rows=1) == [10]
+
+
+def test_fuzzing_the_openapi_document_finds_no_5xx_and_no_response_off_schema(server):
+    """schemathesis against /openapi.json (fixed seed, bounded examples): no 5xx, every status, content type, header
+    and body as the document says, schema-violating requests refused. Not checked: that every schema-valid request is
+    accepted, since the document cannot say that a tensor's data must hold shape[0] strings. Unload is left out (it
+    would unload the other tests' models); load is tested above."""
+    base, _ = server
+    st = [str(ROOT / ".venv" / "bin" / "schemathesis") if (ROOT / ".venv" / "bin" / "schemathesis").is_file() else "schemathesis"]
+    out = subprocess.run([*st, "run", base + "/openapi.json", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+                          "--max-examples", "40", "--phases", "examples,coverage,fuzzing", "--workers", "1", "--seed", "1",
+                          "--exclude-path-regex", "load"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-6000:]
+    assert " passed" in out.stdout and "failures" not in out.stdout.split("SUMMARY")[-1].lower()
+
+
+def _binary(size: int, tail: bytes) -> tuple[bytes, dict]:
+    """An infer body in Triton's binary form: the JSON header naming ``size`` bytes of text, then ``tail``."""
+    head = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": size}}]})
+    return head.encode() + tail, {"Inference-Header-Content-Length": str(len(head))}
+
+
+@pytest.mark.parametrize(
+    "body, headers, status, message",
+    [
+        (b'{"inputs": []}', {}, 400, 'non-empty "inputs" list'),
+        (b'{"inputs": [{"name": "ids", "datatype": "INT64", "shape": [1], "data": [1]}]}', {}, 422, "unknown input 'ids'"),
+        (b'{"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1]}]}', {}, 422, "send BYTES"),
+        (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}', {}, 422, "but 1 elements"),
+        (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 2], "data": ["a", "b"]}]}', {}, 422, "[N] or [N, 1]"),
+        (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [7]}]}', {}, 422, "text[0] is a int"),
+        (*_binary(9, b"xx"), 400, "runs past the body"),
+        (*_binary(6, b"\x02\x00\x00\x00\xff\xfe"), 422, "not valid UTF-8"),
+        (*_binary(6, b"\x09\x00\x00\x00ab"), 400, "runs past the tensor"),
+        (*_binary(6, b"\x02\x00\x00\x00okextra"), 400, "unclaimed"),
+        (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}', {"Inference-Header-Content-Length": "x"},
+         400, "is not a number"),
+        (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}], "outputs": [{"name": "probs"}]}', {},
+         422, "outputs[0] names 'probs'"),
+    ],
+)  # fmt: skip
+def test_bad_infer_requests_get_their_status(server, body, headers, status, message):
+    base, _ = server
+    got, reply, _ = post(base + "/v2/models/banking/infer", body, headers)
+    assert got == status and message in reply["error"], reply
