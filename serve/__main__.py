@@ -19,6 +19,7 @@ from serve.app import ServerLimits, create_app
 from serve.batching import Limits
 from serve.metrics import Metrics
 from serve.repository import ModelOptions, Repository
+from serve.runtime import PRECISIONS
 
 
 def single_name(export: Path) -> str:
@@ -50,8 +51,11 @@ def parser() -> argparse.ArgumentParser:
                     help="require Authorization: Bearer KEY on every route but the health probes (default: $EDGETUNE_API_KEY)")  # fmt: skip
     models = ap.add_argument_group("models")
     models.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
-    models.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                        help="fp32: the parity-gated graph; int8: the CPU graph that passed the dev-accuracy gate")  # fmt: skip
+    models.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="fp32: the parity-gated graph; int8: the CPU graph that passed the dev-accuracy gate; fp16: the "
+                             "graph gated against fp32; auto (default): fp16 on the CUDA provider where exported, else fp32")  # fmt: skip
+    models.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="CUDA: run each bucket through I/O binding without capturing it as a CUDA graph")  # fmt: skip
     models.add_argument("--tf32", action="store_true", help="CUDA: let fp32 MatMuls use TF32 (~1e-2 off the gated logits)")
     models.add_argument("--kernels", default=None,
                         help="CUDA: the PrefixAttention custom-op library (default: $EDGETUNE_KERNELS or build/kernels/libedgetune_ort.so)")  # fmt: skip
@@ -81,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    options = ModelOptions(args.provider, args.precision, args.tf32, args.kernels, args.max_length, args.threads)
+    options = ModelOptions(args.provider, args.precision, args.tf32, args.kernels, args.max_length, args.threads,
+                           args.max_batch_rows, args.cuda_graphs)  # fmt: skip
     limits = Limits(args.max_batch_rows, args.max_batch_tokens, args.max_padding, args.max_wait_ms)
     if args.models:
         root = Path(args.models)

@@ -31,16 +31,18 @@ class ModelOptions:
     """How every model of the repository is loaded (``python -m serve`` flags)."""
 
     providers: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     tf32: bool = False
     kernels: str | None = None
     max_length: int | None = None
     threads: int = 0  # onnxruntime intra-op threads per session; 0 = onnxruntime's default (all cores)
+    max_rows: int = 32  # the largest batch (the CUDA path's largest bucket)
+    cuda_graphs: bool = True  # CUDA provider: replay each bucket from a CUDA graph
 
     def load(self, folder: Path) -> Classifier:
         return load_model(
             folder, providers=self.providers, max_length=self.max_length, precision=self.precision, tf32=self.tf32,
-            kernels=self.kernels, threads=self.threads,
+            kernels=self.kernels, threads=self.threads, max_rows=self.max_rows, cuda_graphs=self.cuda_graphs,
         )  # fmt: skip
 
 

@@ -15,9 +15,12 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from serve.buckets import BucketRunner
+
 # the custom-op library for model.prefix_op.onnx (make kernels); EDGETUNE_KERNELS overrides the path
 KERNELS_LIBRARY = Path(__file__).resolve().parents[1] / "build" / "kernels" / "libedgetune_ort.so"
-GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+PRECISIONS = ("auto", *GRAPHS)  # auto: fp16 on the CUDA provider where the export has it, else fp32
 
 
 class ServeError(Exception):
@@ -46,7 +49,7 @@ class Row:
         return len(self.ids)
 
 
-def pick_providers(requested: str = "auto", tf32: bool = False) -> list:
+def pick_providers(requested: str = "auto", tf32: bool = False, cuda_graph: bool = False) -> list:
     """CUDA when onnxruntime-gpu is installed (or asked for), else CPU.
 
     onnxruntime's CUDA provider computes fp32 MatMuls in TF32 unless told otherwise, which moves the logits by ~1e-2
@@ -60,7 +63,7 @@ def pick_providers(requested: str = "auto", tf32: bool = False) -> list:
     if "CUDAExecutionProvider" in available:
         if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu: load CUDA/cuDNN from the nvidia-* wheels if present
             ort.preload_dlls()
-        return [("CUDAExecutionProvider", {"use_tf32": int(tf32)}), "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"use_tf32": int(tf32), "enable_cuda_graph": int(cuda_graph)}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -89,14 +92,21 @@ class Classifier:
         tf32: bool = False,
         kernels: str | Path | None = None,
         threads: int = 0,
+        max_rows: int = 32,
+        cuda_graphs: bool = True,
     ) -> None:
         d = Path(export_dir)
-        if precision not in GRAPHS:
-            raise ServeError(f"precision {precision!r} must be one of {', '.join(GRAPHS)}")
+        if precision not in PRECISIONS:
+            raise ServeError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+        chosen = pick_providers(providers)
+        on_cuda = chosen[0] != "CPUExecutionProvider"
+        if precision == "auto":
+            precision = "fp16" if on_cuda and (d / GRAPHS["fp16"]).is_file() else "fp32"
         model = GRAPHS[precision]
         for name in (model, "tokenizer.json", "labels.json", "manifest.json"):
             if not (d / name).is_file():
-                hint = "export without --no-int8" if name == "model.int8.onnx" else "run `make export` first"
+                hint = {"model.int8.onnx": "export without --no-int8", "model.fp16.onnx": "export without --no-fp16 (see manifest"
+                        " fp16_skipped)"}.get(name, "run `make export` first")  # fmt: skip
                 raise ServeError(f"export folder {d} has no {name} ({hint})")
         self.export_dir = d
         self.precision = precision
@@ -128,9 +138,8 @@ class Classifier:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        chosen = pick_providers(providers, tf32)
+        chosen = pick_providers(providers, tf32, cuda_graph=on_cuda and cuda_graphs)
         library = Path(kernels or os.environ.get("EDGETUNE_KERNELS") or KERNELS_LIBRARY)
-        on_cuda = chosen[0] != "CPUExecutionProvider"
         if precision == "fp32" and on_cuda and (d / "model.prefix_op.onnx").is_file() and library.is_file():
             # the prefix graph with the PrefixAttention Triton kernel. The library registers the op for the CUDA provider
             # only (and nothing on a machine without a CUDA device); on a GPU machine it must stay out of CPU sessions:
@@ -143,6 +152,19 @@ class Classifier:
         except Exception as e:  # onnxruntime's own exception types: a truncated or foreign file
             raise ServeError(f"{d / model} does not load in onnxruntime: {e}") from None
         self.inputs = {i.name for i in self.session.get_inputs()}
+        self.runner = None  # on the CUDA provider: fixed-shape buckets, I/O binding, CUDA graphs (serve/buckets.py)
+        if on_cuda:
+            self.runner = BucketRunner(
+                self.session, "cuda", max_rows, self.max_length, self.pad_id, len(self.labels), cuda_graphs
+            )
+            try:
+                self.runner.warm_up()
+            except Exception as e:  # onnxruntime's own types: a node that cannot be captured, or out of memory
+                hint = " (try --no-cuda-graphs)" if cuda_graphs else ""
+                raise ServeError(f"{d / model} does not run at fixed shapes on CUDA{hint}: {e}") from None
+
+    def session_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.runner.run(names, feeds) if self.runner else self.session.run(names, feeds)
 
     @property
     def provider(self) -> str:
@@ -169,7 +191,7 @@ class Classifier:
 
     def run(self, rows: list[Row]) -> list[np.ndarray]:
         """One session run over rows of any lengths (padded to the longest): each row's logits."""
-        return list(self.session.run(["logits"], self.feeds(rows))[0])
+        return list(self.session_run(["logits"], self.feeds(rows))[0])
 
     def result(self, row: Row, out: np.ndarray, top_k: int = 1) -> dict:
         probs = softmax(out.astype(np.float64))

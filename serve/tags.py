@@ -94,7 +94,7 @@ class Tagger(Classifier):
 
     def run(self, rows: list[Row]) -> list[list[int]]:
         """One session run over rows of any lengths: each row's tag ids, one per kept word."""
-        out = self.session.run([self.output], self.feeds(rows))[0]
+        out = self.session_run([self.output], self.feeds(rows))[0]
         ids = []
         for i, row in enumerate(rows):
             n = len(row.kept)

@@ -518,3 +518,42 @@ def test_bad_infer_requests_get_their_status(server, body, headers, status, mess
     base, _ = server
     got, reply, _ = post(base + "/v2/models/banking/infer", body, headers)
     assert got == status and message in reply["error"], reply
+
+
+def test_fixed_shape_buckets_change_no_row(models):
+    """The CUDA path's runner (buckets, I/O binding), here on the CPU provider: rows padded up to a bucket and read
+    back give the same logits (the export gate's 1e-4: padding moves fp32 rounding only) and the same tags."""
+    from serve.buckets import BucketRunner, length_buckets, pick, row_buckets
+    from serve.runtime import load_model
+
+    assert row_buckets(32) == [1, 2, 4, 8, 16, 32] and row_buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert length_buckets(64) == [16, 32, 48, 64] and length_buckets(40) == [16, 32, 40] and pick([16, 32], 17) == 32
+    texts = [TEXTS[i] for i in (0, 5, 6, 2, 1)]  # 5 rows: padded to 8; 3 to ~30 tokens
+    for name in ("banking", "tagger"):
+        model = load_model(models / name, providers="cpu")
+        rows = model.rows(texts)
+        plain = model.run(rows)
+        model.runner = BucketRunner(model.session, "cpu", 8, model.max_length, model.pad_id, len(model.labels))
+        bucketed = model.run(rows)
+        assert list(model.runner._buckets) == [(8, 32)]
+        if name == "banking":
+            assert np.abs(np.stack(bucketed) - np.stack(plain)).max() <= 1e-4
+            assert [b.argmax() for b in bucketed] == [p.argmax() for p in plain]
+        else:
+            assert bucketed == plain
+        assert model.runner.warm_up() == len(row_buckets(8)) * len(length_buckets(model.max_length))
+
+
+def test_fp16_graph_serves_within_its_gate(models):
+    from serve.runtime import Classifier
+
+    manifest = json.loads((models / "banking" / "manifest.json").read_text())
+    assert manifest["fp16"] is not None, manifest["fp16_skipped"]
+    fp32, fp16 = (
+        Classifier(models / "banking", providers="cpu"),
+        Classifier(models / "banking", providers="cpu", precision="fp16"),
+    )
+    assert (fp32.precision, fp16.precision, fp16.graph) == ("fp32", "fp16", "model.fp16.onnx")
+    a, b = fp32.logits(TEXTS), fp16.logits(TEXTS)
+    assert 0 < np.abs(a - b).max() <= manifest["fp16"]["tolerance"] * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).all()
