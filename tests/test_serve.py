@@ -474,7 +474,7 @@ def test_pick_batch_groups_similar_lengths_within_the_limits():
     assert lengths(0, max_batch_rows=1) == [10]
 
 
-def test_fuzzing_the_openapi_document_finds_no_5xx_and_no_response_off_schema(server):
+def test_fuzzing_the_openapi_document_finds_no_5xx_and_no_response_off_schema(server, tmp_path):
     """schemathesis against /openapi.json (fixed seed, bounded examples): no 5xx, every status, content type, header
     and body as the document says, schema-violating requests refused. Not checked: that every schema-valid request is
     accepted, since the document cannot say that a tensor's data must hold shape[0] strings. Unload is left out (it
@@ -484,7 +484,7 @@ def test_fuzzing_the_openapi_document_finds_no_5xx_and_no_response_off_schema(se
     out = subprocess.run([*st, "run", base + "/openapi.json", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
                           "--max-examples", "40", "--phases", "examples,coverage,fuzzing", "--workers", "1", "--seed", "1",
                           "--exclude-path-regex", "load"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stdout[-6000:]
     assert " passed" in out.stdout and "failures" not in out.stdout.split("SUMMARY")[-1].lower()
 
