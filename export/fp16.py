@@ -37,6 +37,11 @@ KEEP_FP32 = ("Loop",)  # beyond the converter's default block list; see the modu
 # weights and of the activations at every layer's boundaries. It depends on the format, not on the CPU: a dropped,
 # doubled or mis-scaled layer moves the outputs by a relative order one.
 TOLERANCE = 1e-2
+# The share of dev sentences that may change class (tagger: decoded path). With every logit within d of fp32's, a class
+# can change only where fp32's top two logits are within 2d: a near tie, where either class is the model's answer. On
+# 1,000 dev sentences such ties exist, so demanding none would refuse a sound graph now and then (1 of 1,000 in a
+# default run); a broken graph moves the logits past TOLERANCE first. Below 1 / MAX_CHANGED sentences: none may.
+MAX_CHANGED = 0.005
 
 
 def convert_fp16(src: Path, dst: Path) -> list[str]:
@@ -96,6 +101,7 @@ class Fp16Gate:
     max_abs_diff: float
     scale: float  # max |fp32 output|
     argmax_agree: float  # fraction of sentences with the fp32 graph's class (tagger: its whole decoded tag path)
+    max_changed: float  # the share of sentences allowed another class (MAX_CHANGED)
     n_samples: int
     tolerance: float
     provider: str
@@ -124,23 +130,27 @@ def relative_diff(fp16: np.ndarray, fp32: np.ndarray) -> tuple[float, float, flo
 
 def check_fp16(
     fp32: np.ndarray, fp16: np.ndarray, agree: int, n: int, kept: list[str], output: str, provider: str,
-    tolerance: float = TOLERANCE,
+    tolerance: float = TOLERANCE, max_changed: float = MAX_CHANGED,
 ) -> Fp16Gate:  # fmt: skip
     """The gate on outputs already computed: ``agree`` of ``n`` sentences with the same class (decoded tags).
 
     Raises:
-        ParityError: the relative difference exceeds ``tolerance``, or a class (tag path) differs.
+        ParityError: the relative difference exceeds ``tolerance``, or more than ``max_changed`` of the sentences
+            (rounded down) change class (tag path).
     """
     rel, diff, scale = relative_diff(fp16, fp32)
-    gate = Fp16Gate(FILE, output, rel, diff, scale, agree / max(n, 1), n, tolerance, provider, kept)
+    gate = Fp16Gate(FILE, output, rel, diff, scale, agree / max(n, 1), max_changed, n, tolerance, provider, kept)
     what = "predicted class" if output == "logits" else "decoded tags"
     if not rel <= tolerance:
         raise ParityError(
             f"fp16 gate failed: {FILE} {output} differ from the fp32 graph's by {rel:.3g} of their largest magnitude "
             f"(max |diff| {diff:.3g}, max |fp32| {scale:.3g}; tolerance {tolerance:g})"
         )
-    if agree < n:
-        raise ParityError(f"fp16 gate failed: the {what} differ from the fp32 graph's on {n - agree} of {n} dev sentences")
+    if n - agree > int(max_changed * n):
+        raise ParityError(
+            f"fp16 gate failed: the {what} differ from the fp32 graph's on {n - agree} of {n} dev sentences "
+            f"(at most {int(max_changed * n)} may: {max_changed:.1%})"
+        )
     return gate
 
 

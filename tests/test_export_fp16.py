@@ -78,7 +78,11 @@ def test_fp16_gate_bites(exported, tmp_path):
     with pytest.raises(ParityError, match="tolerance 0"):  # tolerance exceeded
         check_fp16(l32, l16, 2, 2, [], "logits", "cpu", tolerance=0.0)
     with pytest.raises(ParityError, match="predicted class differ from the fp32 graph's on 1 of 2"):
-        check_fp16(l32, l16, 1, 2, [], "logits", "cpu")
+        check_fp16(l32, l16, 1, 2, [], "logits", "cpu")  # below 1 / MAX_CHANGED sentences, none may change
+    rows = np.repeat(l32[:1], 1000, axis=0)
+    assert check_fp16(rows, rows, 1000 - 5, 1000, [], "logits", "cpu").argmax_agree == 0.995  # 0.5% of 1,000: 5 ties
+    with pytest.raises(ParityError, match="on 6 of 1000 dev sentences \\(at most 5 may"):
+        check_fp16(rows, rows, 1000 - 6, 1000, [], "logits", "cpu")
     with pytest.raises(ParityError, match="fp16 gate failed"):  # an fp16 overflow
         check_fp16(l32, np.where(l32 > 0.9, np.inf, l32), 2, 2, [], "logits", "cpu")
     assert relative_diff(l32, l32)[0] == 0.0
