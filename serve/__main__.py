@@ -19,7 +19,7 @@ from serve.app import ServerLimits, create_app
 from serve.batching import Limits
 from serve.metrics import Metrics
 from serve.repository import ModelOptions, Repository
-from serve.runtime import PRECISIONS
+from serve.runtime import PRECISIONS, SPIN
 
 
 def single_name(export: Path) -> str:
@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--max-length", type=positive(int), default=None, help="tokens per text (default: as trained)")
     models.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="onnxruntime threads per model run (default: the cores this process may use)")  # fmt: skip
+    models.add_argument("--spin", choices=tuple(SPIN), default="run",
+                        help="onnxruntime's threads: spin while a run lasts, then sleep (run, default); spin after it too "
+                             "(always: onnxruntime's own default); never spin")  # fmt: skip
     batching = ap.add_argument_group("batching")
     batching.add_argument("--max-batch-rows", type=positive(int), default=32, help="texts per session run (1: no batching)")
     batching.add_argument("--max-batch-tokens", type=positive(int), default=16384, help="padded tokens (rows x length) per run")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     options = ModelOptions(args.provider, args.precision, args.tf32, args.kernels, args.max_length, args.threads,
-                           args.max_batch_rows, args.cuda_graphs)  # fmt: skip
+                           args.max_batch_rows, args.cuda_graphs, args.spin)  # fmt: skip
     limits = Limits(args.max_batch_rows, args.max_batch_tokens, args.max_padding, args.max_wait_ms)
     if args.models:
         root = Path(args.models)

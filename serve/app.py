@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -88,10 +89,13 @@ def endpoint(route: str, handler: Handler, state: State) -> Callable[[Request], 
     return serve
 
 
-def check_key(request: Request, key: str) -> None:
-    given = request.headers.get("authorization", "")
+def key_matches(given: str, key: str) -> bool:
     scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def check_key(request: Request, key: str) -> None:
+    if not key_matches(request.headers.get("authorization", ""), key):
         raise ApiError("unauthorized", "missing or wrong API key: send Authorization: Bearer <key>",
                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
@@ -186,6 +190,65 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+class RefuseWhenFull:
+    """Answers 429 to an inference request whose model is full before the body is read or a route is matched.
+
+    Under overload the refusals far outnumber the admitted requests, and each one through the whole stack (routing,
+    body, JSON, validation) costs the cores the model needs. This path knows the model from the URL (the v2 infer
+    routes, or ``/predict`` while one model is served) and checks nothing else; every other request, and any whose
+    key is wrong or whose server is draining, goes the usual way. ``infer`` still checks admission for the rest.
+    """
+
+    def __init__(self, app, state: State) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and (full := self._full(scope)) is not None:
+            await self._refuse(scope, send, *full)
+            return
+        await self.app(scope, receive, send)
+
+    def _full(self, scope) -> tuple[Entry, str] | None:
+        """(the model, the route's name) when the request is inference on a model at its limit."""
+        state, path = self.state, scope["path"]
+        if path == "/predict":
+            if len(state.repo.entries) != 1:
+                return None  # the model is named in the body
+            entry, route = next(iter(state.repo.entries.values())), path
+        elif path.startswith("/v2/models/") and path.endswith("/infer"):
+            parts = path.split("/")  # "", v2, models, name, [versions, 1,] infer
+            if len(parts) == 5:
+                route = "/v2/models/{name}/infer"
+            elif len(parts) == 7 and parts[4:6] == ["versions", "1"]:
+                route = "/v2/models/{name}/versions/{version}/infer"
+            else:
+                return None
+            entry = state.repo.entries.get(parts[3])
+        else:
+            return None
+        if entry is None or entry.in_flight < state.limits.max_concurrent_requests or state.draining:
+            return None
+        if state.api_key:
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not key_matches(given, state.api_key):
+                return None  # 401 the usual way
+        return entry, route
+
+    async def _refuse(self, scope, send, entry: Entry, route: str) -> None:
+        t0 = time.perf_counter()
+        request_id = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), uuid.uuid4().hex[:16])
+        e = self.state.repo.overloaded(entry)
+        body = json.dumps(e.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"retry-after", e.headers["Retry-After"].encode()), (b"x-request-id", request_id.encode("latin-1"))]  # fmt: skip
+        await send({"type": "http.response.start", "status": e.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        m = self.state.metrics
+        m.requests.labels(entry.name, route, str(e.status)).inc()
+        m.request_seconds.labels(entry.name, route).observe(time.perf_counter() - t0)
 
 
 # routes
@@ -342,6 +405,8 @@ def create_app(repo: Repository, limits: ServerLimits | None = None, api_key: st
         state.metrics.requests.labels("", "other", str(response.status_code)).inc()
         return response
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(
+        routes=routes, exception_handlers={HTTPException: http_error}, middleware=[Middleware(RefuseWhenFull, state=state)]
+    )
     app.state.edgetune = state
     return app

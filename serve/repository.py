@@ -38,11 +38,13 @@ class ModelOptions:
     threads: int = 0  # onnxruntime intra-op threads per session; 0 = onnxruntime's default (all cores)
     max_rows: int = 32  # the largest batch (the CUDA path's largest bucket)
     cuda_graphs: bool = True  # CUDA provider: replay each bucket from a CUDA graph
+    spin: str = "run"  # how onnxruntime's threads wait between runs (serve.runtime.SPIN)
 
     def load(self, folder: Path) -> Classifier:
         return load_model(
             folder, providers=self.providers, max_length=self.max_length, precision=self.precision, tf32=self.tf32,
             kernels=self.kernels, threads=self.threads, max_rows=self.max_rows, cuda_graphs=self.cuda_graphs,
+            spin=self.spin,
         )  # fmt: skip
 
 
@@ -165,13 +167,18 @@ class Repository:
         reason = self.failures.get(name)
         raise ApiError("unavailable", f"model {name!r} is not loaded" + (f": {reason}" if reason else ""))
 
+    def overloaded(self, entry: Entry) -> ApiError:
+        """The 429 for a model at its limit (counted)."""
+        self.metrics.overloaded.labels(entry.name).inc()
+        return ApiError(
+            "overloaded",
+            f"model {entry.name!r} is overloaded: {entry.in_flight} requests in flight",
+            headers={"Retry-After": "1"},
+        )
+
     def acquire(self, entry: Entry, max_in_flight: int) -> None:
         if entry.in_flight >= max_in_flight:
-            self.metrics.overloaded.labels(entry.name).inc()
-            raise ApiError(
-                "overloaded", f"model {entry.name!r} is overloaded: {entry.in_flight} requests in flight",
-                headers={"Retry-After": "1"},
-            )  # fmt: skip
+            raise self.overloaded(entry)
         entry.in_flight += 1
         self.metrics.in_flight.labels(entry.name).inc()
 

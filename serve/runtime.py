@@ -21,6 +21,10 @@ from serve.buckets import BucketRunner
 KERNELS_LIBRARY = Path(__file__).resolve().parents[1] / "build" / "kernels" / "libedgetune_ort.so"
 GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 PRECISIONS = ("auto", *GRAPHS)  # auto: fp16 on the CUDA provider where the export has it, else fp32
+# how onnxruntime's intra-op threads wait for work: "run" spins inside a run and sleeps once it returns, so that
+# between runs the cores go to the HTTP side and the tokeniser; "always" is onnxruntime's default (spin after a run
+# too); "never" sleeps between the parallel parts of a run as well
+SPIN = {"run": {"session.force_spinning_stop": "1"}, "always": {}, "never": {"session.intra_op.allow_spinning": "0"}}
 
 
 class ServeError(Exception):
@@ -94,10 +98,13 @@ class Classifier:
         threads: int = 0,
         max_rows: int = 32,
         cuda_graphs: bool = True,
+        spin: str = "run",
     ) -> None:
         d = Path(export_dir)
         if precision not in PRECISIONS:
             raise ServeError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+        if spin not in SPIN:
+            raise ServeError(f"spin {spin!r} must be one of {', '.join(SPIN)}")
         chosen = pick_providers(providers)
         on_cuda = chosen[0] != "CPUExecutionProvider"
         if precision == "auto":
@@ -138,6 +145,8 @@ class Classifier:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        for key, value in SPIN[spin].items():
+            opts.add_session_config_entry(key, value)
         chosen = pick_providers(providers, tf32, cuda_graph=on_cuda and cuda_graphs)
         library = Path(kernels or os.environ.get("EDGETUNE_KERNELS") or KERNELS_LIBRARY)
         if precision == "fp32" and on_cuda and (d / "model.prefix_op.onnx").is_file() and library.is_file():

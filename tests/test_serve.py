@@ -49,9 +49,9 @@ def post(url: str, payload, headers: dict | None = None, timeout: float = 60) ->
         conn.close()
 
 
-def metric(base: str, name: str, **labels) -> float:
+def metric(base: str, name: str, headers: dict | None = None, **labels) -> float:
     """The sum of a Prometheus series' samples whose labels include ``labels``."""
-    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+    with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers=headers or {}), timeout=10) as r:
         text = r.read().decode()
     total = 0.0
     for line in text.splitlines():
@@ -387,6 +387,40 @@ def test_overload_gets_429_and_recovers(models):
         assert refused[0]["error_type"] == "overloaded" and refused[1]["retry-after"] == "1"
         assert metric(base, "edgetune_requests_overloaded_total", model="banking") == statuses.count(429)
         assert post(base + "/predict", {"texts": ["hi"], "model": "banking"})[0] == 200
+
+
+def test_a_full_model_refuses_before_reading_the_body(exported):
+    """At its limit, a model's inference routes answer 429 from the URL alone (a body that is not even JSON gets it);
+    a wrong key still gets 401, other versions 404; the refusals are counted by route, and the model serves after."""
+    export = exported("minilm", "p_tuning_v2") / "export"
+    args = ("--max-concurrent-requests", "1", "--max-batch-rows", "1", "--max-client-batch", "1000", "--api-key", "k")
+    with serving(export, *args) as base:
+        key = {"Authorization": "Bearer k"}
+        name = json.loads(urllib.request.urlopen(urllib.request.Request(base + "/ready", headers=key)).read())["model"]
+        holder = threading.Thread(target=post, args=(base + "/predict", {"texts": TEXTS * 100}, key))
+        holder.start()
+        deadline = time.time() + 30
+        while metric(base, "edgetune_requests_in_flight", key) < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        answers = {
+            "predict": post(base + "/predict", b"not json", {**key, "X-Request-Id": "full-1"}),
+            "infer": post(base + f"/v2/models/{name}/infer", b"{}", key),
+            "version 1": post(base + f"/v2/models/{name}/versions/1/infer", b"{}", key),
+            "version 2": post(base + f"/v2/models/{name}/versions/2/infer", b"{}", key),
+            "wrong key": post(base + "/predict", b"not json", {"Authorization": "Bearer nope"}),
+        }
+        still_full = metric(base, "edgetune_requests_in_flight", key)
+        holder.join()
+        assert still_full == 1, "the long request finished before the probes: the test did not hold the model full"
+        assert {k: a[0] for k, a in answers.items()} == {
+            "predict": 429, "infer": 429, "version 1": 429, "version 2": 404, "wrong key": 401,
+        }  # fmt: skip
+        status, body, headers = answers["predict"]
+        assert body["error_type"] == "overloaded" and headers["retry-after"] == "1" and headers["x-request-id"] == "full-1"
+        assert metric(base, "edgetune_requests_total", key, route="/predict", status="429") == 1
+        assert metric(base, "edgetune_requests_total", key, route="/v2/models/{name}/infer", status="429") == 1
+        assert metric(base, "edgetune_requests_overloaded_total", key) == 3
+        assert post(base + "/predict", {"texts": ["hi"]}, key)[0] == 200
 
 
 def test_timeout_and_a_gone_client_drop_their_rows(models):
