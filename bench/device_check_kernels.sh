@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the Triton prefix-attention kernels and the edgetune.PrefixAttention custom op (issue 4) on a lent device
+# GPU check of the Triton prefix-attention kernels and the edgetune.PrefixAttention custom op on a lent device
 # machine (no registry access there). Carried in, as for bench/device_check.sh: /tmp/o/ort.part* (onnxruntime-gpu),
 # /tmp/o/minilm.part*, /tmp/o/assets; and build/kernels from `make kernels` on a CPU machine (the library with its
 # embedded sm_80/87/90 cubins: the device has neither the onnxruntime headers nor a registry to fetch them from).

@@ -1,4 +1,4 @@
-"""``python -m bench.prefix_op RUN OUT.json``: the edgetune.PrefixAttention custom op on a GPU (issue 4).
+"""``python -m bench.prefix_op RUN OUT.json``: the edgetune.PrefixAttention custom op on a GPU.
 
 RUN is an exported p_tuning_v2 run. Writes OUT.json with
   parity: model.prefix_op.onnx under onnxruntime's CUDA provider with the library (build/kernels/libedgetune_ort.so,

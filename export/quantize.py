@@ -19,23 +19,25 @@ from train.errors import ParityError
 
 def quantize_int8(src: Path, dst: Path) -> None:
     """Weights of every MatMul with a constant weight, and of onnxruntime's fused Attention (QAttention), to int8
-    per output channel; activations are quantised at run time.
-
-    Per-channel MatMul-only was the best of the variants measured on the default run (dev accuracy 92.7% vs 93.3% fp32;
-    per-tensor 92.5%; quantising the embedding Gather as well 93.0% but 25% slower). Quantising the fused Attention of
-    a merged LoRA graph as well kept its dev accuracy (92.4%) and cut 1 x 128 latency from ~10.9 to ~8.7 ms.
+    per output channel; activations are quantised at run time (the variants compared: docs/BENCHMARKS.md, "int8
+    variants").
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" advice is printed on every call
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul", "Attention"],
-        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    root = logging.getLogger()  # the quantizer logs "consider pre-processing" advice on the root logger on every call
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Attention"],
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        root.setLevel(level)
 
 
 def logits_onnx(session, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:

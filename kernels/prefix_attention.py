@@ -1,4 +1,4 @@
-"""Triton attention over a learned prefix and the sequence, in one online-softmax pass (issue 4).
+"""Triton attention over a learned prefix and the sequence, in one online-softmax pass.
 
 Prefix keys/values (P positions, always visible) and sequence keys/values (masked by a per-row length, right
 padding, optionally causal) are read from separate tensors: nothing is concatenated and a batch-shared prefix is
@@ -9,7 +9,7 @@ Inputs fp32, fp16 or bf16, accumulation in fp32; head dims 32, 64, 128; any sequ
 A query row with no visible key (length 0 and no prefix) gives zeros and log-sum-exp -inf. For training, optional
 dropout on the attention weights, drawn from a Philox stream that the backward replays.
 
-Order (STYLE.md 12): forward kernels (`prefix_attn_fwd`, the stable one compiled ahead of time for serving, and
+Order: forward kernels (`prefix_attn_fwd`, the stable one compiled ahead of time for serving, and
 `prefix_attn_fwd_dropout`), the AOT description, backward kernels, launchers. The autograd function and the torch op
 are in kernels/op.py, the plain PyTorch reference in kernels/reference.py.
 """
@@ -267,9 +267,9 @@ class AotSpec(NamedTuple):
 
 def block_sizes(dtype: torch.dtype, head_dim: int, backward: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward (and, backward=True, the backward) kernels on an
-    sm_80 / sm_90 GPU. 8 warps where 4 left ptxas spilling registers (its -v counts, triton 3.7.1, not timed): fp32 at
-    head dims 64 and 128, whose dot products run on FMA units with the tiles in registers (sm_90: forward 1.7-1.9 KB
-    -> 0-0.8 KB, backward up to 21 KB -> at most 64 bytes), and the 16-bit backward at 128 (160 -> 0 bytes)."""
+    sm_80 / sm_90 GPU. 8 warps where 4 leave ptxas spilling registers: fp32 at head dims 64 and 128, whose dot
+    products run on FMA units with the tiles in registers, and the 16-bit backward at 128 (docs/BENCHMARKS.md, "Kernel
+    launch configurations")."""
     if dtype == torch.float32 and head_dim > 64:
         return 32, 32, 8, 2  # the fp32 backward at 64 x 32 needs 107 KB of shared memory: more than sm_86/89 have
     if dtype == torch.float32 and head_dim == 64:
@@ -281,14 +281,13 @@ def block_sizes(dtype: torch.dtype, head_dim: int, backward: bool = False) -> tu
 
 def forward_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_P) of the JIT forward: `block_sizes`, and for fp16/bf16 at head
-    dims 32 and 64 the configurations that kernels/bench.py's sweep found fastest on an H200 (batch 32 x 12 heads x
-    128 tokens, prefix 16: 0.0081 and 0.0114 ms against 0.0099 and 0.0130 with `block_sizes`; docs/BENCHMARKS.md).
+    dims 32 and 64 the configurations the kernel benchmark's sweep found fastest (docs/BENCHMARKS.md, "Kernel launch
+    configurations").
 
     BLOCK_P 0: the prefix keys share BLOCK_N-wide key blocks with the sequence's (one loop over the concatenated
     columns, never built), so a program runs cdiv(P + length, BLOCK_N) steps instead of cdiv(P, BLOCK_P) +
-    cdiv(length, BLOCK_N): 2.25 instead of 3 on average at the bench's d64 shape. Not timed on a GPU yet (the sweep
-    has it as bp0; the measured alternative was BLOCK_P 16). The AOT cubins keep `block_sizes`' query blocks (serving
-    runs small batches, where more, smaller programs fill the GPU) and prefix steps of 16."""
+    cdiv(length, BLOCK_N). The AOT cubins keep `block_sizes`' query blocks (serving runs small batches, where more,
+    smaller programs fill the GPU) and prefix steps of 16."""
     block_m, block_n, num_warps, num_stages = block_sizes(dtype, head_dim)
     if dtype != torch.float32 and head_dim == 32:
         block_m, block_n, num_warps, num_stages = 128, 32, 4, 2
@@ -527,7 +526,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor,
     """Launch the forward. q (B, N, S, D), k/v (B, Nkv, S, D), pk/pv (1 or B, Nkv, P, D), lengths int32 (B,); with
     dropout_p > 0 the attention weights are dropped from the Philox stream seeded by `seed` (an int32 tensor of one
     element on q's device, read by the kernels). config: (BLOCK_M, BLOCK_N, num_warps, num_stages) and block_p
-    (prefix keys per step) in place of `forward_config`'s (kernels/bench.py's sweep).
+    (prefix keys per step) in place of `forward_config`'s (the kernel benchmark's sweep).
 
     Returns out (B, N, S, D) (a transposed view of (B, S, N, D) memory) and lse float32 (B, N, S).
     """

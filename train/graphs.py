@@ -1,8 +1,7 @@
 """CUDA-graph training steps (``cuda_graphs=true``): each batch shape's forward and backward captured once, then
 replayed, so a GPU step costs a few launches of CPU time instead of one per op.
 
-A small model's eager step is bound by Python, not the GPU (docs/BENCHMARKS.md: ~16 ms of CPU against ~2.6 ms of GPU
-time per MiniLM step at batch 32 x 128). Batches are padded on the right to a multiple of SEQ_MULTIPLE tokens
+A small model's eager step is bound by Python, not the GPU (docs/BENCHMARKS.md, "Training step"). Batches are padded on the right to a multiple of SEQ_MULTIPLE tokens
 (masked, so the result is the same) so that a handful of shapes cover an epoch; a batch of another size (an epoch's
 last) runs eagerly. The loss, the clipping and the optimiser stay eager: they are a few launches, and the learning
 rate schedule stays a Python float. Dropout is drawn afresh on every replay: torch's CUDA generator is graph-safe, and
