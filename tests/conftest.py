@@ -11,9 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import minilm_path
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import minilm_path, train_small
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,21 +44,6 @@ def tiny_bert(tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy2(minilm_path() / name, d / name)
     return d
-
-
-SMALL = ["max_train_samples=256", "max_eval_samples=96", "epochs=1", "max_steps=8", "max_length=32"]
-
-
-def train_small(run_dir: Path, method: str, base: str = "", extra: list[str] | None = None) -> Path:
-    from train.__main__ import DEFAULT_CONFIG, run
-
-    lr = {"p_tuning_v2": "lr=2e-2", "lora": "lr=1e-2", "prompt_tuning": "lr=3e-2", "p_tuning": "lr=3e-3", "full": "lr=1e-3",
-          "head": "lr=1e-2"}[method]  # fmt: skip
-    overrides = [f"method={method}", lr, "head_lr=1e-2", *SMALL, *(extra or [])]
-    if base:
-        overrides.append(f"base_model={base}")
-    run(run_dir, DEFAULT_CONFIG, overrides)
-    return run_dir
 
 
 @pytest.fixture(scope="session")

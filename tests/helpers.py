@@ -1,5 +1,6 @@
-"""Test helpers: inputs with padding, PEFT's own models on the same weights, a float64 bound for fp32 comparisons, a
-real server process."""
+"""Test helpers: the repository root, small training runs, inputs with padding, PEFT's own models on the same weights,
+a float64 bound for fp32 comparisons, a real server process. Test modules import these from here; fixtures live in
+tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+SMALL = ["max_train_samples=256", "max_eval_samples=96", "epochs=1", "max_steps=8", "max_length=32"]  # a run of seconds
 TAGGING = ["task=tagging", "data=wnut16", "max_train_samples=64", "max_eval_samples=40"]  # a small WNUT-16 run
 SENTENCES = [
     "I still have not received my new card, I ordered over a week ago.",
@@ -48,6 +51,20 @@ def _peft_configs():
 
 PEFT_CONFIGS_BY_ID = _peft_configs()  # every PEFT method we interchange with, as the peft library configures it
 PEFT_IDS, PEFT_CONFIGS = list(PEFT_CONFIGS_BY_ID), list(PEFT_CONFIGS_BY_ID.values())
+
+
+def train_small(run_dir: Path, method: str, base: str = "", extra: list[str] | None = None) -> Path:
+    """A SMALL training run of ``method`` into ``run_dir`` (base model ``base``, default the config's), at a learning
+    rate that moves that method in 8 steps; ``extra``: further config overrides."""
+    from train.__main__ import DEFAULT_CONFIG, run
+
+    lr = {"p_tuning_v2": "lr=2e-2", "lora": "lr=1e-2", "prompt_tuning": "lr=3e-2", "p_tuning": "lr=3e-3", "full": "lr=1e-3",
+          "head": "lr=1e-2"}[method]  # fmt: skip
+    overrides = [f"method={method}", lr, "head_lr=1e-2", *SMALL, *(extra or [])]
+    if base:
+        overrides.append(f"base_model={base}")
+    run(run_dir, DEFAULT_CONFIG, overrides)
+    return run_dir
 
 
 def minilm_path() -> Path:
@@ -140,14 +157,13 @@ def serving(export_dir: Path | None = None, *args: str, models: Path | None = No
 
     import pytest
 
-    root = Path(__file__).resolve().parents[1]
     port = free_port()
     output = tempfile.TemporaryFile(
         mode="a+"
     )  # not a pipe, which a chatty server could fill; O_APPEND: reads never move its writes
     where = ["--models", str(models)] if models else ["--export", str(export_dir)]
     cmd = [sys.executable, "-m", "serve", *where, "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, cwd=root, stdout=output, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})  # fmt: skip
     proc.output = output  # type: ignore[attr-defined]
     base = f"http://127.0.0.1:{port}"

@@ -100,8 +100,7 @@ def test_int8_graph_is_quantised_and_serves(exported):
 
 def test_prefix_projection_trains_and_exports(tmp_path, tiny_bert):
     """The reparameterisation MLP is folded into the saved table; the export and PEFT both read that."""
-    from tests.conftest import train_small
-    from tests.helpers import peft_model
+    from tests.helpers import peft_model, train_small
 
     run = train_small(tmp_path / "proj", "p_tuning_v2", str(tiny_bert), ["prefix_projection=true", "encoder_hidden_size=24"])
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
@@ -133,7 +132,7 @@ def test_corrupt_adapter_is_refused(runs, tmp_path):
     ids=["full", "partial", "head"],
 )
 def test_full_partial_and_head_fine_tuning_export(tmp_path, tiny_bert, method, extra):
-    from tests.conftest import train_small
+    from tests.helpers import train_small
     from train.adapter_io import load_adapter
 
     run = train_small(tmp_path / "run", method, str(tiny_bert), ["lr=1e-3", *extra])

@@ -12,8 +12,7 @@ import pytest
 from export.__main__ import export_run, main
 from export.fp16 import FILE, TOLERANCE, check_fp16, gate_classifier, open_fp16, relative_diff
 from export.parity import diff_bound
-from tests.conftest import train_small
-from tests.helpers import padded_batch
+from tests.helpers import padded_batch, train_small
 from train.errors import ParityError
 
 CPU = ["CPUExecutionProvider"]

@@ -1,4 +1,4 @@
-"""The Triton prefix-attention kernels against a float64 reference (STYLE.md 8).
+"""The Triton prefix-attention kernels against a float64 reference.
 
 On CPU the test_interpreted_* tests run the kernels under the Triton interpreter, in a subprocess started with
 TRITON_INTERPRET=1 (test_kernels_under_the_interpreter), so the variable never leaks into other test modules and the
@@ -367,8 +367,61 @@ def test_op_registration_on_the_reference_path():
     torch.library.opcheck(torch.ops.edgetune.prefix_attn.default, (*inputs, lengths, True, 0.3, 0.0, None))
 
 
-def test_reference_path_on_cpu_without_interpreter():
-    check_against_float64(Case(n=4, nkv=2, s=17, p=20, d=8, lengths=(17, 0), causal=True), "cpu")  # d=8: reference only
+def _by_hand(dtype):
+    """Attention written out one query at a time, in ``dtype``: softmax(q . keys * scale) @ values over the prefix
+    keys, then the sequence keys j < lengths[b] (and j <= i when causal); zeros where no key is visible. It selects
+    the visible keys by slicing, where prefix_attn_reference builds a mask and fills it, so the two share no code
+    beyond torch's softmax and matmul: the reference's independent float64 yardstick."""
+
+    def fn(q, k, v, pk, pv, lengths, causal):
+        q, k, v, pk, pv = (t.to(dtype) for t in (q, k, v, pk, pv))
+        b, n, s, d = q.shape
+        group, scale = n // k.shape[1], d**-0.5
+        rows = []
+        for row in range(b):
+            pr = row if pk.shape[0] > 1 else 0  # a batch-shared prefix has one row
+            heads = []
+            for h in range(n):
+                kv = h // group
+                outs = []
+                for i in range(s):
+                    last = min(int(lengths[row]), i + 1 if causal else s)
+                    keys = torch.cat([pk[pr, kv], k[row, kv, :last]])  # (P + last, D)
+                    values = torch.cat([pv[pr, kv], v[row, kv, :last]])
+                    outs.append(torch.softmax(keys @ q[row, h, i] * scale, 0) @ values if len(keys) else q.new_zeros(d))
+                heads.append(torch.stack(outs))
+            rows.append(torch.stack(heads))
+        return torch.stack(rows)
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(n=4, nkv=2, s=17, p=20, d=8, lengths=(17, 0), causal=True),  # GQA; row 1 sees only the prefix
+        Case(b=3, s=9, p=5, d=8, shared=False, lengths=(9, 4, 1)),  # a prefix per row, padding
+        Case(b=2, s=9, p=0, d=8, causal=True, lengths=(9, 0)),  # no prefix; row 1 sees nothing: zeros
+    ],
+    ids=str,
+)
+def test_reference_path_on_cpu_without_interpreter(case):
+    """At head dim 8 the op runs prefix_attn_reference, the float64 yardstick of every kernel test above, so
+    check_against_float64 would compare the reference with itself. Here the op and the reference (in fp32 and in
+    float64) are held to attention by hand in float64, output and every gradient, by the file's gate: at most twice
+    the error of the same computation by hand in fp32, plus the floor. A dropped prefix, a wrong scale or an ignored
+    mask moves the output by orders of magnitude more."""
+    tensors, lengths, grad_out = _inputs(case, "cpu")
+    exact = _run(_by_hand(torch.float64), tensors, lengths, grad_out, case.causal)
+    same = _run(_by_hand(case.dtype), tensors, lengths, grad_out, case.causal)
+    under_test = {"op": _kernel(), "fp32 reference": _reference(case.dtype), "float64 reference": _reference(torch.float64)}
+    for what, fn in under_test.items():
+        ours = _run(fn, tensors, lengths, grad_out, case.causal)
+        for name, e, s, o in zip(("out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), exact, same, ours, strict=True):
+            assert o.shape == e.shape and torch.isfinite(o).all(), (what, name)
+            err, hand_err = _max_err(o, e), _max_err(s, e)
+            floor = FLOOR[case.dtype] * max(1.0, e.abs().max().item() if e.numel() else 0.0)
+            assert err <= 2 * hand_err + floor, f"{case} {what} {name}: error {err:.2e}, by hand in {case.dtype} {hand_err:.2e}"
 
 
 def test_forward_compiles_ahead_of_time_for_sm90():

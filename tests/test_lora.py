@@ -1,5 +1,7 @@
 """LoRA merge: a pure state-dict function, equal to the unmerged model and to PEFT's merge_and_unload."""
 
+import dataclasses
+
 import pytest
 import torch
 from peft import LoraConfig, TaskType
@@ -19,13 +21,19 @@ def lora_adapter(tmp_path, tiny_bert):
     return random_peft_adapter(tiny_bert, CONFIG, tmp_path / "lora")
 
 
-def _merged_model(adapter_dir, base_dir, alpha: float = 8):
+def _merged_model(adapter_dir, base_dir, alpha_factor: float = 1.0):
+    """The merged model the export traces (export.__main__.graph_module, which calls merge_lora with the adapter's own
+    r and lora_alpha): a plain BERT classifier. ``alpha_factor`` scales the adapter's lora_alpha first."""
+    from transformers import AutoConfig
+
+    from export.__main__ import graph_module
+
     adapter = load_adapter(adapter_dir)
-    plain = load_base(base_dir, adapter.label_names, attn="eager")
-    state = merge_lora(plain.state_dict(), adapter.tensors, 4, alpha)
-    state.update({f"classifier.{k}": v for k, v in head_state(adapter.tensors).items()})
-    plain.load_state_dict(state)
-    return plain.eval()
+    if alpha_factor != 1.0:
+        config = {**adapter.config, "lora_alpha": adapter.config["lora_alpha"] * alpha_factor}
+        adapter = dataclasses.replace(adapter, config=config)
+    module, _ = graph_module(adapter_dir, adapter, base_dir, AutoConfig.from_pretrained(base_dir))
+    return module.model.eval()  # LogitsOnly around the merged model
 
 
 @torch.inference_mode()
@@ -38,7 +46,7 @@ def test_merged_equals_unmerged(lora_adapter, tiny_bert):
     exact = unmerged_model.double()(ids, mask)
     merged = _merged_model(lora_adapter, tiny_bert)(input_ids=ids, attention_mask=mask).logits
     assert_fp32_equivalent(merged, unmerged, exact, "merged LoRA")
-    doubled = _merged_model(lora_adapter, tiny_bert, alpha=16)(input_ids=ids, attention_mask=mask).logits
+    doubled = _merged_model(lora_adapter, tiny_bert, alpha_factor=2)(input_ids=ids, attention_mask=mask).logits
     with pytest.raises(AssertionError, match="exceeds"):
         assert_fp32_equivalent(doubled, unmerged, exact, "LoRA merged at twice its scale")
     bare = load_base(tiny_bert, [str(i) for i in range(5)], attn="eager").eval()
@@ -49,8 +57,8 @@ def test_merged_equals_unmerged(lora_adapter, tiny_bert):
 
 @torch.inference_mode()
 def test_merge_matches_peft_merge_and_unload(lora_adapter, tiny_bert):
-    """Ours (summed in float64) and PEFT's merged weights, each as close to the float64 W + B A alpha/r as the same sum
-    in fp32 is."""
+    """The export's merged weights (summed in float64) and PEFT's, each as close to the float64 W + B A alpha/r as the
+    same sum in fp32 is; weights LoRA does not target are copied unchanged by both."""
     adapter = load_adapter(lora_adapter)
     base = load_base(tiny_bert, adapter.label_names, attn="eager").state_dict()
     ours = _merged_model(lora_adapter, tiny_bert).state_dict()
@@ -62,8 +70,9 @@ def test_merge_matches_peft_merge_and_unload(lora_adapter, tiny_bert):
             assert torch.equal(ours[k], v), k  # not a LoRA target: both copied as they were
             continue
         w, a, b = base[k], adapter.tensors[key_a], adapter.tensors[key_a.replace("lora_A", "lora_B")]
-        exact = w.double() + (b.double() @ a.double()) * 2.0
-        fp32 = w + (b @ a) * 2.0
+        scale = CONFIG.lora_alpha / CONFIG.r
+        exact = w.double() + (b.double() @ a.double()) * scale
+        fp32 = w + (b @ a) * scale
         assert_fp32_equivalent(ours[k], fp32, exact, f"our merge of {k}")
         assert_fp32_equivalent(v, fp32, exact, f"PEFT's merge of {k}")
         merged += 1

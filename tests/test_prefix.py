@@ -79,7 +79,7 @@ def test_prefix_positions_and_padding_are_peft_semantics(tmp_path, tiny_bert):
 )  # fmt: skip
 def test_prompt_methods_train_export_and_load_in_peft(tmp_path, tiny_bert, method, extra):
     from export.__main__ import export_run
-    from tests.conftest import train_small
+    from tests.helpers import train_small
 
     run = train_small(tmp_path / "run", method, str(tiny_bert), extra)
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())

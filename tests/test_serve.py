@@ -19,8 +19,7 @@ import pytest
 import torch
 
 from export.eager import load_adapter_model
-from tests.conftest import ROOT, train_small
-from tests.helpers import TAGGING, request, server_output, serving
+from tests.helpers import ROOT, TAGGING, request, server_output, serving, train_small
 
 TEXTS = [
     "I still have not received my new card",

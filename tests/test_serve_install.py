@@ -8,8 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
-from tests.conftest import ROOT
-from tests.helpers import free_port
+from tests.helpers import ROOT, free_port
 
 
 def test_serve_extra_alone_installs_and_serves(exported, tmp_path):

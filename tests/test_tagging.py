@@ -13,8 +13,17 @@ from peft import LoraConfig, PrefixTuningConfig, TaskType
 from export.eager import load_adapter_model
 from export.parity import fp32_bound
 from serve.tags import spans, viterbi
-from tests.conftest import SMALL, train_small
-from tests.helpers import TAGGING, assert_fp32_equivalent, minilm_path, peft_model, random_peft_adapter, request, serving
+from tests.helpers import (
+    SMALL,
+    TAGGING,
+    assert_fp32_equivalent,
+    minilm_path,
+    peft_model,
+    random_peft_adapter,
+    request,
+    serving,
+    train_small,
+)
 from train.config import load_config
 from train.errors import ConfigError, DataError, ParityError
 from train.tagging import CRF, WNUT16_SPLIT_SEED, entity_metrics, load_tagging_dataset, read_conll

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import train_small
+from tests.helpers import train_small
 from train.loop import balanced_class_weights
 
 
@@ -142,27 +142,71 @@ def test_gpu_training_run_with_cuda_graphs(tmp_path, tiny_bert):
     """The loop's side (padding, autocast without its weight cache, the eager last batch): a run trains and learns."""
     run = train_small(tmp_path / "run", "p_tuning_v2", str(tiny_bert), ["cuda_graphs=true", "device=cuda", "batch_size=24"])
     m = json.loads((run / "metrics.json").read_text())
-    assert m["history"][0]["train_loss"] == m["history"][0]["train_loss"]  # finite
+    assert math.isfinite(m["history"][0]["train_loss"])
     assert m["cuda_graph_shapes"] and all(b == 24 and s % 16 == 0 for b, s in m["cuda_graph_shapes"])
 
 
-def test_prefix_kernel_switch_reaches_the_model(tiny_bert):
-    """prefix_kernel=false (GPU: PEFT's concatenation instead of the Triton kernel) is carried by the model; on the CPU
-    both settings take the SDPA path and agree."""
-    from tests.helpers import padded_batch
+class _ClaimsCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: handed to train.prefix.prefix_attention, it makes the attention dispatch
+    choose as it would on a GPU, while whatever that choice calls still runs on the CPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def _plain(t):
+    return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
+
+
+def test_prefix_kernel_switch_reaches_the_model(tiny_bert, monkeypatch):
+    """prefix_kernel (the config key) must reach the attention dispatch: on a GPU, True runs the Triton kernel
+    (kernels.op.prefix_attn) in every layer and False PEFT's SDPA over the concatenation (sdpa_concat_attention).
+    On the CPU each layer's query is handed to the dispatch as a tensor that says it is on CUDA, and both callees are
+    wrapped to record which one each layer asks for; they still compute on the CPU (the op on its PyTorch reference),
+    so the two settings' logits must also agree within the fp32 bound around the float64 model's."""
+    import kernels.op
+    import train.prefix
+    from tests.helpers import assert_fp32_equivalent, padded_batch
+    from train.config import load_config
+    from train.model import build_model
+
+    calls: list[str] = []
+    dispatch, kernel, concat = train.prefix.prefix_attention, kernels.op.prefix_attn, train.prefix.sdpa_concat_attention
+
+    def as_on_a_gpu(module, query, *args, **kwargs):
+        return dispatch(module, query.as_subclass(_ClaimsCuda), *args, **kwargs)
+
+    def kernel_call(q, k, v, pk, pv, lengths, *args, **kwargs):
+        calls.append("kernel")
+        return kernel(*map(_plain, (q, k, v, pk, pv, lengths)), *args, **kwargs)
+
+    def concat_call(module, query, *args, **kwargs):
+        calls.append("concat")
+        return concat(module, _plain(query), *args, **kwargs)
 
     ids, mask = padded_batch(tiny_bert)
-    logits = []
-    for flag in (True, False):
-        from train.config import load_config
-        from train.model import build_model
-
-        cfg = load_config(None, ["method=p_tuning_v2", f"base_model={tiny_bert}", f"prefix_kernel={flag}"])
-        model = build_model(cfg, [f"L{i}" for i in range(5)], seed=0).eval()
-        assert model.prefix_kernel is flag
-        with torch.no_grad():
-            logits.append(model(ids, mask))
-    assert torch.equal(logits[0], logits[1])
+    logits, asked = {}, {}
+    try:
+        monkeypatch.setattr(train.prefix, "prefix_attention", as_on_a_gpu)  # what load_base's register_attention registers
+        monkeypatch.setattr(kernels.op, "prefix_attn", kernel_call)
+        monkeypatch.setattr(train.prefix, "sdpa_concat_attention", concat_call)
+        for flag in (True, False):
+            cfg = load_config(None, ["method=p_tuning_v2", f"base_model={tiny_bert}", f"prefix_kernel={flag}"])
+            model = build_model(cfg, [f"L{i}" for i in range(5)], seed=0).eval()
+            assert model.prefix_kernel is flag
+            calls.clear()
+            with torch.no_grad():
+                logits[flag] = _plain(model(ids, mask))
+            asked[flag] = list(calls)
+    finally:
+        monkeypatch.undo()
+        train.prefix.register_attention()  # the real dispatch again, for the tests after this one
+    layers = model.num_layers
+    assert asked == {True: ["kernel"] * layers, False: ["concat"] * layers}, asked
+    with torch.no_grad():
+        exact = model.double()(ids, mask)  # prefix_kernel=False on the CPU: the SDPA path, in float64
+    assert_fp32_equivalent(logits[True], logits[False], exact, "the kernel's path against the concatenation's")
 
 
 def test_bf16_auto_follows_the_cpu_and_the_onednn_cap(monkeypatch):

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import train_small
+from tests.helpers import train_small
 
 CPU = ["CPUExecutionProvider"]
 ONNX_TYPES = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32"}
