@@ -7,6 +7,8 @@ FROM python:3.11-slim
 ARG ORT=""
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY adapters adapters
+COPY text text
 COPY train train
 COPY export export
 COPY serve serve

@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 
-from train.errors import EdgetuneError  # noqa: E402
+from adapters.errors import EdgetuneError  # noqa: E402
 
 SPEC = Path(__file__).with_name("compare.yaml")
 
@@ -36,14 +36,14 @@ def load_spec(path: Path) -> list[dict]:
 
 
 def _trained(run_dir: Path, cfg) -> bool:
-    from train.config import load_config
+    from adapters.config import load_config
 
     done = run_dir / "metrics.json"
     return done.is_file() and (run_dir / "config.yaml").is_file() and load_config(run_dir / "config.yaml") == cfg
 
 
 def _exported(run_dir: Path) -> bool:
-    from train.adapter_io import load_adapter
+    from adapters.peft_io import load_adapter
 
     manifest = run_dir / "export" / "manifest.json"
     return manifest.is_file() and json.loads(manifest.read_text())["adapter_sha256"] == load_adapter(run_dir / "adapter").sha256
@@ -56,10 +56,10 @@ def _benched(run_dir: Path) -> bool:
 
 def run_all(spec: Path, out: Path, fresh: bool = False, budget_s: float = 0.6) -> list[dict]:
     """Train, export and bench each entry (reusing finished stages unless ``fresh``); returns one row per entry."""
-    from bench.__main__ import bench_run, save
-    from export.__main__ import export_run
-    from train.__main__ import run as train_run
-    from train.config import load_config
+    from adapters.config import load_config
+    from bench.latency import bench_run, save
+    from export.run import export_run
+    from train.run import run as train_run
 
     rows = []
     for entry in load_spec(spec):

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import torch
 from transformers import AutoTokenizer
 
-from export.__main__ import parity_texts
-from export.eager import load_adapter_model
+from adapters.eager import load_adapter_model
 from export.parity import check_parity
 from serve.runtime import Classifier
+from train.splits import parity_texts
 
 
 def main(run: Path) -> None:

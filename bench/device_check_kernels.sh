@@ -9,9 +9,9 @@
 #                  and of tests/test_train.py (CUDA-graph training steps against eager)
 #   op_tests       the gpu-marked tests of tests/test_prefix_op.py and the library-loading test (its GPU branch)
 #   train_export   a 1-epoch P-tuning v2 MiniLM run trained on the GPU, exported (CPU gates, model.prefix_op.onnx)
-#   warm           kernels.bench with 2 iterations: compiles every kernel the timed run uses (triton's disk cache)
+#   warm           bench.kernels with 2 iterations: compiles every kernel the timed run uses (triton's disk cache)
 # Phase B, one at a time (timed):
-#   kernels_bench  python -m kernels.bench: kernel vs SDPA over the concatenation / without a prefix, training step at
+#   kernels_bench  python -m bench.kernels: kernel vs SDPA over the concatenation / without a prefix, training step at
 #                  batch 32 and 128, sequences 128-2048 (SWEEP=1 adds the block sweep, as in PART=triton)
 #   prefix_op      python -m bench.prefix_op: CUDA parity of the custom-op graph, batch 1 x 128 latency with I/O binding
 #   graph_train    one epoch of the default run: eager, cuda_graphs=true (train/graphs.py), and cuda_graphs=true with
@@ -64,12 +64,12 @@ SEQS="--seqs 128 256 512 1024 2048 --plot $OUT/kernels_seq.png"  # the sequence 
 if [ "$PART" = triton ]; then
   stage kernel_tests 200 $PYTEST -n 8 -m gpu tests/test_kernels.py &
   for i in ${SWEEP_SHARDS:-0}; do  # SWEEP_SHARDS="0 1 2 3": compile the sweep in 4 processes (triton's disk cache)
-    stage "warm$i" 150 python3 -m kernels.bench --out "/tmp/warm$i.json" --warmup 1 --iters 2 ${SWEEP:+--sweep} \
+    stage "warm$i" 150 python3 -m bench.kernels --out "/tmp/warm$i.json" --warmup 1 --iters 2 ${SWEEP:+--sweep} \
       --sweep-shard "$i/$(wc -w <<<"${SWEEP_SHARDS:-0}")" --train-batches 32 128 &
   done
   wait
-  stage kernels_bench 180 python3 -m kernels.bench ${SWEEP:+--sweep} --train-batches 32 128 $SEQS --out "$OUT/kernels_bench.json"
-  [ -z "${PROFILE:-}" ] || stage profile 60 python3 -m kernels.bench --profile-step --out /tmp/profile.json
+  stage kernels_bench 180 python3 -m bench.kernels ${SWEEP:+--sweep} --train-batches 32 128 $SEQS --out "$OUT/kernels_bench.json"
+  [ -z "${PROFILE:-}" ] || stage profile 60 python3 -m bench.kernels --profile-step --out /tmp/profile.json
   exit 0
 fi
 
@@ -82,10 +82,10 @@ export -f train_export  # run by `timeout` through bash -c
 stage kernel_tests 220 $PYTEST -n 8 -m gpu tests/test_kernels.py tests/test_train.py &
 stage op_tests 220 $PYTEST tests/test_prefix_op.py -k "cuda_prefix_op or library_loads_without_cuda" &
 stage train_export 220 bash -c train_export &
-stage warm 200 python3 -m kernels.bench --out /tmp/warm.json --warmup 1 --iters 2 ${SWEEP:+--sweep} --train-batches 32 128 &
+stage warm 200 python3 -m bench.kernels --out /tmp/warm.json --warmup 1 --iters 2 ${SWEEP:+--sweep} --train-batches 32 128 &
 wait
 
-stage kernels_bench 180 python3 -m kernels.bench ${SWEEP:+--sweep} --train-batches 32 128 $SEQS --out "$OUT/kernels_bench.json"
+stage kernels_bench 180 python3 -m bench.kernels ${SWEEP:+--sweep} --train-batches 32 128 $SEQS --out "$OUT/kernels_bench.json"
 stage prefix_op 180 python3 -m bench.prefix_op "$RUN" "$OUT/prefix_op_bench.json"
 
 graph_train() {  # one epoch of the default run: eager, cuda_graphs=true, and cuda_graphs with PEFT's concatenation

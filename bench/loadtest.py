@@ -42,8 +42,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.__main__ import cpu_name  # noqa: E402
-from train.errors import EdgetuneError  # noqa: E402
+from adapters.errors import EdgetuneError  # noqa: E402
+from bench.timing import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("serve", "serve_nobatch", "pipeline", "onnx_offline")
@@ -80,7 +80,7 @@ def test_texts(run_dir: Path, n: int) -> list[str]:
     Raises:
         EdgetuneError: the run is a tagger (the load test speaks the classifier's contract) or has no config.
     """
-    from export.__main__ import run_config
+    from adapters.config import run_config
     from train.data import load_dataset
 
     cfg = run_config(run_dir)

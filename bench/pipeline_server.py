@@ -36,8 +36,8 @@ def adapter_pipeline(run_dir: Path):
     from transformers.modeling_outputs import SequenceClassifierOutput
     from transformers.utils import logging as hf_logging
 
-    from export.__main__ import run_config
-    from export.eager import load_adapter_model
+    from adapters.config import run_config
+    from adapters.eager import load_adapter_model
 
     eager = load_adapter_model(run_dir / "adapter")
     if eager.base.config.problem_type not in (None, "single_label_classification") or eager.crf is not None:

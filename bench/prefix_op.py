@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bench.__main__ import make_inputs, pct, timed
+from bench.latency import make_inputs
+from bench.timing import pct, timed
 from export.prefix_op import FILE, OP
 from serve.runtime import KERNELS_LIBRARY
 
@@ -57,9 +58,9 @@ def float16(src: Path, dst: Path) -> Path:
 
 def no_prefix_graph(run: Path, out: Path) -> Path:
     """The run's base model and trained classifier without the prefix, exported and fused like model.onnx."""
+    from adapters.model import base_model_path, load_base
+    from adapters.peft_io import head_state, load_adapter
     from export.graph import LogitsOnly, optimize, trace_to_onnx
-    from train.adapter_io import head_state, load_adapter
-    from train.model import base_model_path, load_base
 
     adapter = load_adapter(run / "adapter")
     plain = load_base(base_model_path(adapter.config.get("base_model_name_or_path") or ""), adapter.label_names, attn="eager")
@@ -144,10 +145,10 @@ def main(run: Path, out_json: Path) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from export.__main__ import parity_texts
-    from export.eager import load_adapter_model
+    from adapters.eager import load_adapter_model
+    from adapters.errors import ParityError
     from export.parity import check_parity
-    from train.errors import ParityError
+    from train.splits import parity_texts
 
     ort.preload_dlls()
     library = Path(os.environ.get("EDGETUNE_KERNELS") or KERNELS_LIBRARY)

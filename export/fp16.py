@@ -16,7 +16,7 @@ fp16 GEMMs (fp32 accumulation) add their own rounding, which only a GPU run can 
 
 A model can be beyond fp16 while its fp32 graph is exact: attention scores of large magnitude (a LoRA update far larger
 than the base weights, say) turn fp16's rounding of the query/key weights into a softmax that moves by percents. The
-export then writes no fp16 graph and says why in the manifest (export/__main__.py): the fp32 graph, the export's
+export then writes no fp16 graph and says why in the manifest (export/run.py): the fp32 graph, the export's
 contract, has passed its own gate, and a GPU server without ``model.fp16.onnx`` serves that.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from train.errors import ExportError, ParityError
+from adapters.errors import ExportError, ParityError
 
 FILE = "model.fp16.onnx"
 KEEP_FP32 = ("Loop",)  # beyond the converter's default block list; see the module docstring
@@ -170,7 +170,7 @@ def gate_tagger(
 ) -> Fp16Gate:  # fmt: skip
     """Emissions at every real word and the decoded tags of both graphs on pre-split ``sentences``, then check_fp16.
     ``decode(emissions, word_mask)`` -> tags decodes an emissions-only graph's output (the server's CRF)."""
-    from serve.tags import first_pieces
+    from text.words import first_pieces
     from train.tagging import collate_words
 
     e32, e16, agree = [], [], 0

@@ -9,8 +9,8 @@ import onnx
 import torch
 from torch import nn
 
-from train.errors import ExportError
-from train.prompt import prepend_prompt
+from adapters.errors import ExportError
+from adapters.prompt import prepend_prompt
 from train.tagging import gather_words
 
 OPSET = 17

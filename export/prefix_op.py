@@ -27,9 +27,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from adapters.errors import ExportError
 from export.graph import OPSET
 from export.parity import Parity
-from train.errors import ExportError
 
 DOMAIN = "edgetune"
 OP = "PrefixAttention"

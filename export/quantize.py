@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from train.errors import ParityError
+from adapters.errors import ParityError
 
 
 def quantize_int8(src: Path, dst: Path) -> None:

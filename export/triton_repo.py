@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 
-from train.errors import ExportError
+from adapters.errors import ExportError
 
 DIR = "triton"
 MAX_BATCH_SIZE = 32

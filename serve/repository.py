@@ -19,7 +19,8 @@ from pathlib import Path
 from serve.batching import Limits, Scheduler
 from serve.errors import ApiError
 from serve.metrics import Metrics
-from serve.runtime import Classifier, ServeError, load_model
+from serve.runtime import Classifier, ServeError, read_json
+from serve.tags import Tagger
 
 log = logging.getLogger("edgetune.serve")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -206,3 +207,12 @@ class Repository:
 
 def _close_later(scheduler: Scheduler) -> None:
     threading.Thread(target=scheduler.close, name=f"close-{scheduler.name}", daemon=True).start()
+
+
+def load_model(export_dir: str | Path, **kw) -> Classifier:
+    """The right runtime for an export folder: a Classifier, or a Tagger for a token-classification export."""
+    manifest = Path(export_dir) / "manifest.json"
+    task = read_json(manifest).get("task") if manifest.is_file() else None
+    if task == "token-classification":
+        return Tagger(export_dir, **kw)
+    return Classifier(export_dir, **kw)

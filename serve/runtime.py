@@ -16,6 +16,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from serve.buckets import BucketRunner
+from text.words import pad
 
 # the custom-op library for model.prefix_op.onnx (make kernels); EDGETUNE_KERNELS overrides the path
 KERNELS_LIBRARY = Path(__file__).resolve().parents[1] / "build" / "kernels" / "libedgetune_ort.so"
@@ -76,14 +77,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def pad(rows: list[list[int]], value: int = 0) -> np.ndarray:
-    """Rows of ints as one (len(rows), longest) int64 array, padded with ``value``."""
-    out = np.full((len(rows), max(1, max(len(r) for r in rows))), value, dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
-
-
 class Classifier:
     """The exported model, its tokenizer and labels. ``classify(texts)`` -> one dict per text."""
 
@@ -117,8 +110,8 @@ class Classifier:
                 raise ServeError(f"export folder {d} has no {name} ({hint})")
         self.export_dir = d
         self.precision = precision
-        self.manifest = _read_json(d / "manifest.json")
-        self.labels = _read_json(d / "labels.json")
+        self.manifest = read_json(d / "manifest.json")
+        self.labels = read_json(d / "labels.json")
         if not isinstance(self.labels, list) or not self.labels or not all(isinstance(x, str) for x in self.labels):
             raise ServeError(f"{d / 'labels.json'} must be a non-empty list of label names")
         self.max_length = int(max_length or self.manifest.get("max_length", 128))
@@ -133,7 +126,7 @@ class Classifier:
         self.full_tokenizer.no_truncation()
         self.tokenizer.enable_truncation(self.max_length)
         config_path = d / "tokenizer_config.json"
-        pad_token = _read_json(config_path).get("pad_token") if config_path.is_file() else None
+        pad_token = read_json(config_path).get("pad_token") if config_path.is_file() else None
         pad_token = (pad_token.get("content") if isinstance(pad_token, dict) else pad_token) or "[PAD]"
         pad_id = self.tokenizer.token_to_id(pad_token)
         if pad_id is None:
@@ -230,19 +223,8 @@ class Classifier:
         return self.predict(texts, top_k)
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ServeError(f"{path} is not readable JSON: {e}") from None
-
-
-def load_model(export_dir: str | Path, **kw) -> Classifier:
-    """The right runtime for an export folder: a Classifier, or a Tagger for a token-classification export."""
-    manifest = Path(export_dir) / "manifest.json"
-    task = _read_json(manifest).get("task") if manifest.is_file() else None
-    if task == "token-classification":
-        from serve.tags import Tagger  # serve.tags builds on this module: imported here, not at the top
-
-        return Tagger(export_dir, **kw)
-    return Classifier(export_dir, **kw)

@@ -12,49 +12,8 @@ import json
 
 import numpy as np
 
-from serve.runtime import Classifier, Row, ServeError, TextTooLong, pad
-
-
-def first_pieces(word_ids: list[int | None]) -> tuple[list[int], list[int]]:
-    """(positions, words): the first word piece of each word in a tokenizer's ``word_ids`` list."""
-    positions, words, prev = [], [], None
-    for pos, w in enumerate(word_ids):
-        if w is not None and w != prev:
-            positions.append(pos)
-            words.append(w)
-        prev = w
-    return positions, words
-
-
-def spans(tags: list[str]) -> set[tuple[str, int, int]]:
-    """Entity spans (type, first, last) of a BIO/IOB2 tag sequence, seqeval's default (conlleval) rules: a span starts
-    at B-X, or at I-X not continuing an X span, and ends before O, B-*, or a tag of another type."""
-    out, start, kind = set(), None, None
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, _, typ = tag.partition("-")
-        continues = prefix == "I" and kind == typ
-        if start is not None and not continues:
-            out.add((kind, start, i - 1))
-            start, kind = None, None
-        if prefix in ("B", "I") and not continues:
-            start, kind = i, typ
-    return out
-
-
-def viterbi(emissions: np.ndarray, n: int, start: np.ndarray, end: np.ndarray, transitions: np.ndarray) -> list[int]:
-    """Best path over the first ``n`` rows of emissions (W, T) under a CRF (transitions [from, to])."""
-    if n == 0:
-        return []
-    score = start + emissions[0]
-    back = []
-    for i in range(1, n):
-        step = score[:, None] + transitions + emissions[i][None, :]
-        back.append(step.argmax(0))
-        score = step.max(0)
-    path = [int((score + end).argmax())]
-    for b in reversed(back):
-        path.append(int(b[path[-1]]))
-    return path[::-1]
+from serve.runtime import Classifier, Row, ServeError, TextTooLong
+from text.words import first_pieces, spans, viterbi, word_index
 
 
 class Tagger(Classifier):
@@ -88,8 +47,7 @@ class Tagger(Classifier):
 
     def feeds(self, rows: list[Row]) -> dict[str, np.ndarray]:
         feeds = super().feeds(rows)
-        feeds["word_index"] = pad([r.positions for r in rows])
-        feeds["word_mask"] = pad([[1] * len(r.positions) for r in rows])
+        feeds["word_index"], feeds["word_mask"] = word_index([r.positions for r in rows])
         return {k: v for k, v in feeds.items() if k in self.inputs}  # an emissions-only graph has no word_mask
 
     def run(self, rows: list[Row]) -> list[list[int]]:
@@ -122,10 +80,8 @@ class Tagger(Classifier):
     def encode_words(self, words: list[list[str]]) -> tuple[dict[str, np.ndarray], list[list[int]]]:
         """Graph inputs for pre-split sentences, and which word each kept position is."""
         rows = self.word_rows(words)
-        return Classifier.feeds(self, rows) | {
-            "word_index": pad([r.positions for r in rows]),
-            "word_mask": pad([[1] * len(r.positions) for r in rows]),
-        }, [r.kept for r in rows]
+        index, mask = word_index([r.positions for r in rows])
+        return Classifier.feeds(self, rows) | {"word_index": index, "word_mask": mask}, [r.kept for r in rows]
 
     def tag_words(self, words: list[list[str]]) -> list[list[str]]:
         """A tag for every word of every sentence."""

@@ -69,7 +69,7 @@ def exported(runs):
     def get(model: str, method: str) -> Path:
         key = (model, method)
         if key not in done:
-            from export.__main__ import export_run
+            from export.run import export_run
 
             run_dir = runs(model, method)
             # barely trained models on 96 dev sentences: the int8 accuracy gate is exercised in test_export.py

@@ -56,7 +56,7 @@ PEFT_IDS, PEFT_CONFIGS = list(PEFT_CONFIGS_BY_ID), list(PEFT_CONFIGS_BY_ID.value
 def train_small(run_dir: Path, method: str, base: str = "", extra: list[str] | None = None) -> Path:
     """A SMALL training run of ``method`` into ``run_dir`` (base model ``base``, default the config's), at a learning
     rate that moves that method in 8 steps; ``extra``: further config overrides."""
-    from train.__main__ import DEFAULT_CONFIG, run
+    from train.run import DEFAULT_CONFIG, run
 
     lr = {"p_tuning_v2": "lr=2e-2", "lora": "lr=1e-2", "prompt_tuning": "lr=3e-2", "p_tuning": "lr=3e-3", "full": "lr=1e-3",
           "head": "lr=1e-2"}[method]  # fmt: skip

@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from train.config import RunConfig, load_config
-from train.errors import ConfigError
+from adapters.config import RunConfig, load_config
+from adapters.errors import ConfigError
 
 
 def test_default_config_file_loads():

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from train.config import RunConfig
+from adapters.config import RunConfig
+from adapters.errors import DataError
 from train.data import bucketed_batches, load_dataset
-from train.errors import DataError
 
 
 def test_banking77_is_complete():

@@ -47,10 +47,10 @@ def test_two_processes_equal_one_process(tmp_path, tiny_bert):
 
 def _initial_tensors(run: Path, args: list[str]) -> dict[str, torch.Tensor]:
     """The adapter as the run built it before its first step (same seed), in PEFT's names."""
-    from train.__main__ import DEFAULT_CONFIG
-    from train.adapter_io import adapter_tensors
-    from train.config import load_config
-    from train.model import build_model
+    from adapters.config import load_config
+    from adapters.model import build_model
+    from adapters.peft_io import adapter_tensors
+    from train.run import DEFAULT_CONFIG
 
     cfg = load_config(DEFAULT_CONFIG, args)
     labels = json.loads((run / "adapter" / "labels.json").read_text())

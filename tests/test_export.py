@@ -9,12 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.__main__ import export_run
-from export.eager import load_adapter_model
+from adapters.eager import load_adapter_model
+from adapters.errors import AdapterError, ParityError
 from export.graph import op_counts
 from export.parity import DEFAULT_TOLERANCE, check_parity, float64_copy, fp32_bound
+from export.run import export_run
 from tests.helpers import assert_fp32_equivalent, padded_batch
-from train.errors import AdapterError, ParityError
 
 
 @pytest.mark.parametrize("model", ["tiny", "minilm"])
@@ -132,8 +132,8 @@ def test_corrupt_adapter_is_refused(runs, tmp_path):
     ids=["full", "partial", "head"],
 )
 def test_full_partial_and_head_fine_tuning_export(tmp_path, tiny_bert, method, extra):
+    from adapters.peft_io import load_adapter
     from tests.helpers import train_small
-    from train.adapter_io import load_adapter
 
     run = train_small(tmp_path / "run", method, str(tiny_bert), ["lr=1e-3", *extra])
     metrics = json.loads((run / "metrics.json").read_text())

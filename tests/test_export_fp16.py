@@ -9,11 +9,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.__main__ import export_run, main
+from adapters.errors import ParityError
+from export.__main__ import main
 from export.fp16 import FILE, TOLERANCE, check_fp16, gate_classifier, open_fp16, relative_diff
 from export.parity import diff_bound
+from export.run import export_run
 from tests.helpers import padded_batch, train_small
-from train.errors import ParityError
 
 CPU = ["CPUExecutionProvider"]
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -116,8 +117,8 @@ def test_failed_fp16_gate_skips_the_fp16_graph_and_says_why(runs, tmp_path, monk
 
 
 def test_a_conversion_that_leaves_fp32_weights_is_refused(exported):
+    from adapters.errors import ExportError
     from export.fp16 import _check_fp16
-    from train.errors import ExportError
 
     fp32 = onnx.load(str(exported("tiny", "p_tuning_v2") / "export" / "model.onnx"))
     with pytest.raises(ExportError, match="left .* fp32 weights on converted nodes"):

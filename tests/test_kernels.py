@@ -483,8 +483,8 @@ def test_training_kernels_compile_for_sm90():
 
 
 def test_bench_report_prints_every_row_and_the_prefix_cost():
-    """kernels.bench runs only on a GPU; its table must not be what fails there (a failed capture is a string)."""
-    from kernels.bench import format_report
+    """bench.kernels runs only on a GPU; its table must not be what fails there (a failed capture is a string)."""
+    from bench.kernels import format_report
 
     row = {"fwd_ms": 0.1, "fwd_bwd_ms": 0.4, "fwd_graph_ms": 0.012, "fwd_bwd_graph_ms": 0.08, "fwd_graph_speedup_vs_concat": 6.0}
     rows = {
@@ -504,7 +504,7 @@ def test_bench_report_prints_every_row_and_the_prefix_cost():
 def test_bench_sequence_sweep_reprints_and_plots_without_a_gpu(tmp_path, capsys):
     """A saved report's sequence sweep: its table and its TFLOP/s plot come back on a CPU machine (`--report`), a
     failed capture left out of the plot; a report without a sweep is refused by name."""
-    from kernels.bench import main
+    from bench.kernels import main
 
     def point(seq, ms):
         rows = {name: {"fwd_graph_ms": ms * f, "fwd_bwd_graph_ms": 6 * ms * f, "fwd_tflops": 10 / f, "fwd_bwd_tflops": 8 / f,
@@ -589,7 +589,7 @@ def test_gpu_prefix_kernel_false_keeps_cuda_on_the_sdpa_path():
     """prefix_kernel=false (the config key, PEFT's concatenation on a GPU too) reaches the attention function."""
     from types import SimpleNamespace
 
-    from train.prefix import prefix_attention
+    from adapters.prefix import prefix_attention
 
     q, k, v = (torch.randn(2, 4, 9, 32, device="cuda", requires_grad=True) for _ in range(3))
     kv = [tuple(torch.randn(1, 4, 5, 32, device="cuda") for _ in range(2))]
@@ -605,11 +605,11 @@ def test_gpu_prefix_kernel_false_keeps_cuda_on_the_sdpa_path():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_training_attention_function_matches_sdpa_path(dtype):
-    """train/prefix.py's attention function, output and gradients: the kernel branch (CUDA) against the SDPA branch
+    """adapters/prefix.py's attention function, output and gradients: the kernel branch (CUDA) against the SDPA branch
     (CPU), with padding."""
     from types import SimpleNamespace
 
-    from train.prefix import prefix_attention
+    from adapters.prefix import prefix_attention
 
     b, n, s, p, d = 3, 4, 19, 5, 32
     q, k, v, pk, pv = (torch.randn(*shape) for shape in [(b, n, s, d)] * 3 + [(1, n, p, d)] * 2)

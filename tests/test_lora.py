@@ -6,12 +6,12 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType
 
-from export.eager import load_adapter_model
-from export.fold import merge_lora
+from adapters.eager import load_adapter_model
+from adapters.errors import AdapterError
+from adapters.fold import merge_lora
+from adapters.model import load_base
+from adapters.peft_io import head_state, load_adapter
 from tests.helpers import assert_fp32_equivalent, padded_batch, peft_model, random_peft_adapter
-from train.adapter_io import head_state, load_adapter
-from train.errors import AdapterError
-from train.model import load_base
 
 CONFIG = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
 
@@ -26,7 +26,7 @@ def _merged_model(adapter_dir, base_dir, alpha_factor: float = 1.0):
     r and lora_alpha): a plain BERT classifier. ``alpha_factor`` scales the adapter's lora_alpha first."""
     from transformers import AutoConfig
 
-    from export.__main__ import graph_module
+    from export.run import graph_module
 
     adapter = load_adapter(adapter_dir)
     if alpha_factor != 1.0:

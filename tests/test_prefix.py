@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, TaskType
 
-from export.eager import load_adapter_model
+from adapters.eager import load_adapter_model
 from tests.helpers import (
     PEFT_CONFIGS,
     PEFT_IDS,
@@ -78,7 +78,7 @@ def test_prefix_positions_and_padding_are_peft_semantics(tmp_path, tiny_bert):
     ids=["prompt-vocab", "prompt-text", "p-tuning-mlp", "p-tuning-lstm"],
 )  # fmt: skip
 def test_prompt_methods_train_export_and_load_in_peft(tmp_path, tiny_bert, method, extra):
-    from export.__main__ import export_run
+    from export.run import export_run
     from tests.helpers import train_small
 
     run = train_small(tmp_path / "run", method, str(tiny_bert), extra)
@@ -95,7 +95,7 @@ def test_prompt_methods_train_export_and_load_in_peft(tmp_path, tiny_bert, metho
 def test_prefix_is_cast_once_with_the_gradients_of_per_layer_casts():
     """Under autocast PrefixModel casts the whole prefix table once and splits it with one unbind: the per-layer
     keys/values and the table's gradient must be exactly those of casting each layer's slice."""
-    from train.prefix import PrefixEncoder
+    from adapters.prefix import PrefixEncoder
 
     torch.manual_seed(0)
     enc = PrefixEncoder(num_virtual_tokens=5, num_layers=3, num_heads=2, hidden=8)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export.eager import load_adapter_model
+from adapters.eager import load_adapter_model
 from export.graph import OPSET
 from export.parity import float64_copy, fp32_bound
 from export.prefix_op import DOMAIN, FILE, OP, prefix_attention_function
@@ -82,8 +82,8 @@ def test_failed_prefix_op_gate_fails_the_export(runs, tmp_path, monkeypatch):
     import shutil
 
     import export.prefix_op
-    from export.__main__ import export_run
-    from train.errors import ParityError
+    from adapters.errors import ParityError
+    from export.run import export_run
 
     run = tmp_path / "run"
     shutil.copytree(runs("tiny", "p_tuning_v2"), run)
@@ -246,8 +246,8 @@ def test_cuda_prefix_op_passes_the_gate(exported, library, tmp_path):
     """The Triton kernel under onnxruntime's CUDA provider, fp32, through the export's own parity gate (MiniLM: D=32)."""
     from transformers import AutoTokenizer
 
-    from export.__main__ import parity_texts
     from export.parity import check_parity
+    from train.splits import parity_texts
 
     run = exported("minilm", "p_tuning_v2")
     sess = _cuda_session(run / "export" / FILE, library, tmp_path)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.eager import load_adapter_model
+from adapters.eager import load_adapter_model
 from tests.helpers import ROOT, TAGGING, request, server_output, serving, train_small
 
 TEXTS = [
@@ -65,7 +65,7 @@ def metric(base: str, name: str, headers: dict | None = None, **labels) -> float
 @pytest.fixture(scope="module")
 def models(exported, tmp_path_factory, tiny_bert):
     """A model repository: a MiniLM classifier, a tiny-BERT LoRA classifier and a tiny-BERT CRF tagger."""
-    from export.__main__ import export_run
+    from export.run import export_run
 
     root = tmp_path_factory.mktemp("models")
     for name, (model, method) in {"banking": ("minilm", "p_tuning_v2"), "tiny": ("tiny", "lora")}.items():
@@ -183,7 +183,7 @@ def test_every_batched_row_equals_the_text_run_alone(server, models):
     text run by itself (the export gate's 1e-4: padding moves fp32 rounding only), with the same label."""
     import tritonclient.http as triton
 
-    from serve.runtime import load_model
+    from serve.repository import load_model
 
     base, _ = server
     alone = {name: load_model(models / name, providers="cpu") for name in ("banking", "tiny")}
@@ -557,7 +557,7 @@ def test_fixed_shape_buckets_change_no_row(models):
     """The CUDA path's runner (buckets, I/O binding), here on the CPU provider: rows padded up to a bucket and read
     back give the same logits (the export gate's 1e-4: padding moves fp32 rounding only) and the same tags."""
     from serve.buckets import BucketRunner, length_buckets, pick, row_buckets
-    from serve.runtime import load_model
+    from serve.repository import load_model
 
     assert row_buckets(32) == [1, 2, 4, 8, 16, 32] and row_buckets(24) == [1, 2, 4, 8, 16, 24]
     assert length_buckets(64) == [16, 32, 48, 64] and length_buckets(40) == [16, 32, 40] and pick([16, 32], 17) == 32

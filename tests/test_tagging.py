@@ -10,9 +10,11 @@ import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, TaskType
 
-from export.eager import load_adapter_model
+from adapters.config import load_config
+from adapters.crf import CRF
+from adapters.eager import load_adapter_model
+from adapters.errors import ConfigError, DataError, ParityError
 from export.parity import fp32_bound
-from serve.tags import spans, viterbi
 from tests.helpers import (
     SMALL,
     TAGGING,
@@ -24,9 +26,8 @@ from tests.helpers import (
     serving,
     train_small,
 )
-from train.config import load_config
-from train.errors import ConfigError, DataError, ParityError
-from train.tagging import CRF, WNUT16_SPLIT_SEED, entity_metrics, load_tagging_dataset, read_conll
+from text.words import spans, viterbi
+from train.tagging import WNUT16_SPLIT_SEED, entity_metrics, load_tagging_dataset, read_conll
 
 
 def _path_score(crf: CRF, e: torch.Tensor, path: list[int]) -> torch.Tensor:
@@ -106,7 +107,7 @@ def test_bad_tagging_choices_fail_at_start(tmp_path):
 
 @pytest.mark.parametrize("method", ["p_tuning_v2", "lora", "prompt_tuning", "p_tuning", "full", "head"])
 def test_every_method_tags_and_exports_with_viterbi_in_the_graph(tmp_path, tiny_bert, method):
-    from export.__main__ import export_run
+    from export.run import export_run
 
     crf = ["head=crf", "label_smoothing=0"]  # the default config smooths labels without bf16: a cross-entropy option
     run = train_small(tmp_path / "run", method, str(tiny_bert), [*TAGGING, *crf, "head_lr=5e-2"])
@@ -126,8 +127,8 @@ def test_every_method_tags_and_exports_with_viterbi_in_the_graph(tmp_path, tiny_
 
 @pytest.fixture(scope="module")
 def minilm_tagger(tmp_path_factory):
-    from export.__main__ import export_run
-    from train.__main__ import run
+    from export.run import export_run
+    from train.run import run
 
     d = tmp_path_factory.mktemp("minilm_tagger")
     run(d, None, ["method=p_tuning_v2", "lr=2e-2", "head=crf", "head_lr=5e-2", *SMALL[2:], *TAGGING])
@@ -138,8 +139,8 @@ def minilm_tagger(tmp_path_factory):
 def test_minilm_tagger_serves_the_graph_decode_and_the_emissions_only_decode(minilm_tagger, tmp_path):
     import shutil
 
-    from export.__main__ import export_run
-    from serve.runtime import load_model
+    from export.run import export_run
+    from serve.repository import load_model
     from serve.tags import Tagger
 
     texts = ["Watching the Empire State Building from New York with Justin Bieber", "ok", "I love @user on Netflix tonight"]
@@ -161,8 +162,8 @@ def test_tagging_parity_gate_catches_a_wrong_decode(minilm_tagger):
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from export.__main__ import dev_split
     from export.parity import check_tagging_parity
+    from train.splits import dev_split
 
     eager = load_adapter_model(minilm_tagger / "adapter")
     session = ort.InferenceSession(str(minilm_tagger / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -181,8 +182,8 @@ def test_serve_alignment_equals_training_alignment(minilm_tagger):
     """The server (tokenizers, no transformers) must pick the same first word pieces as training did."""
     from transformers import AutoTokenizer
 
-    from serve.runtime import load_model
-    from serve.tags import first_pieces
+    from serve.repository import load_model
+    from text.words import first_pieces
 
     words = [["@paulwalk", "It's", "the", "view", "Empire", "State", "Building", "=", "ESB", "😀", "naïve"], ["x"]]
     tagger = load_model(minilm_tagger / "export")

@@ -44,9 +44,9 @@ def test_optimisers_and_loss_options_train(tmp_path, tiny_bert, options):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert, method):
     """Recomputing the layers in the backward pass must change memory, not the maths (dropout off to compare): the
     checkpointed gradients are as close to the float64 gradients as the plain fp32 ones."""
+    from adapters.config import load_config
+    from adapters.model import build_model
     from tests.helpers import assert_fp32_equivalent, padded_batch
-    from train.config import load_config
-    from train.model import build_model
 
     ids, mask = padded_batch(tiny_bert)
     grads = []
@@ -65,8 +65,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert, method):
 
 
 def _no_dropout_model(tiny_bert, method: str, device: str = "cpu"):
-    from train.config import load_config
-    from train.model import build_model
+    from adapters.config import load_config
+    from adapters.model import build_model
 
     model = build_model(load_config(None, [f"method={method}", f"base_model={tiny_bert}"]), [f"L{i}" for i in range(5)], seed=0)
     for m in model.modules():
@@ -94,8 +94,8 @@ def test_cuda_graph_padding_leaves_the_logits_alone(tiny_bert, method):
 
 
 def test_cuda_graphs_is_refused_where_it_cannot_run(tmp_path, tiny_bert):
-    from train.config import load_config
-    from train.errors import ConfigError
+    from adapters.config import load_config
+    from adapters.errors import ConfigError
 
     with pytest.raises(ConfigError, match="device=cpu"):
         load_config(None, ["cuda_graphs=true", "device=cpu"])
@@ -147,7 +147,7 @@ def test_gpu_training_run_with_cuda_graphs(tmp_path, tiny_bert):
 
 
 class _ClaimsCuda(torch.Tensor):
-    """A CPU tensor that says it is on CUDA: handed to train.prefix.prefix_attention, it makes the attention dispatch
+    """A CPU tensor that says it is on CUDA: handed to adapters.prefix.prefix_attention, it makes the attention dispatch
     choose as it would on a GPU, while whatever that choice calls still runs on the CPU."""
 
     @property
@@ -165,14 +165,14 @@ def test_prefix_kernel_switch_reaches_the_model(tiny_bert, monkeypatch):
     On the CPU each layer's query is handed to the dispatch as a tensor that says it is on CUDA, and both callees are
     wrapped to record which one each layer asks for; they still compute on the CPU (the op on its PyTorch reference),
     so the two settings' logits must also agree within the fp32 bound around the float64 model's."""
+    import adapters.prefix
     import kernels.op
-    import train.prefix
+    from adapters.config import load_config
+    from adapters.model import build_model
     from tests.helpers import assert_fp32_equivalent, padded_batch
-    from train.config import load_config
-    from train.model import build_model
 
     calls: list[str] = []
-    dispatch, kernel, concat = train.prefix.prefix_attention, kernels.op.prefix_attn, train.prefix.sdpa_concat_attention
+    dispatch, kernel, concat = adapters.prefix.prefix_attention, kernels.op.prefix_attn, adapters.prefix.sdpa_concat_attention
 
     def as_on_a_gpu(module, query, *args, **kwargs):
         return dispatch(module, query.as_subclass(_ClaimsCuda), *args, **kwargs)
@@ -188,9 +188,9 @@ def test_prefix_kernel_switch_reaches_the_model(tiny_bert, monkeypatch):
     ids, mask = padded_batch(tiny_bert)
     logits, asked = {}, {}
     try:
-        monkeypatch.setattr(train.prefix, "prefix_attention", as_on_a_gpu)  # what load_base's register_attention registers
+        monkeypatch.setattr(adapters.prefix, "prefix_attention", as_on_a_gpu)  # what load_base's register_attention registers
         monkeypatch.setattr(kernels.op, "prefix_attn", kernel_call)
-        monkeypatch.setattr(train.prefix, "sdpa_concat_attention", concat_call)
+        monkeypatch.setattr(adapters.prefix, "sdpa_concat_attention", concat_call)
         for flag in (True, False):
             cfg = load_config(None, ["method=p_tuning_v2", f"base_model={tiny_bert}", f"prefix_kernel={flag}"])
             model = build_model(cfg, [f"L{i}" for i in range(5)], seed=0).eval()
@@ -201,7 +201,7 @@ def test_prefix_kernel_switch_reaches_the_model(tiny_bert, monkeypatch):
             asked[flag] = list(calls)
     finally:
         monkeypatch.undo()
-        train.prefix.register_attention()  # the real dispatch again, for the tests after this one
+        adapters.prefix.register_attention()  # the real dispatch again, for the tests after this one
     layers = model.num_layers
     assert asked == {True: ["kernel"] * layers, False: ["concat"] * layers}, asked
     with torch.no_grad():
@@ -232,7 +232,7 @@ def test_patience_stops_when_dev_stops_improving(tmp_path, tiny_bert):
 
 def test_without_bf16_entries_reach_a_run_without_bf16(tmp_path, tiny_bert):
     """A without_bf16 entry trains exactly as the key set directly, is named in metrics.json, and config.yaml keeps it."""
-    from train.config import load_config
+    from adapters.config import load_config
 
     via_entry = train_small(tmp_path / "a", "lora", str(tiny_bert), ["bf16=false", "without_bf16=label_smoothing=0.5"])
     direct = train_small(tmp_path / "b", "lora", str(tiny_bert), ["bf16=false", "without_bf16=", "label_smoothing=0.5"])

@@ -57,7 +57,7 @@ def graph_specs(graph: onnx.GraphProto, num_labels: int):
 
 @pytest.fixture(scope="module")
 def tiny_tagger(tmp_path_factory, tiny_bert):
-    from export.__main__ import export_run
+    from export.run import export_run
 
     run = train_small(tmp_path_factory.mktemp("triton_tagger"), "p_tuning_v2", str(tiny_bert), [*TAGGER, "head_lr=5e-2"])
     export_run(run)
@@ -158,7 +158,7 @@ def tokenizer_model(monkeypatch):
 
 
 def test_tokenizer_model_feeds_the_graph_what_the_server_feeds_it(export_dir, tokenizer_model):
-    from serve.runtime import load_model
+    from serve.repository import load_model
 
     m = json.loads((export_dir / "manifest.json").read_text())
     names, root = m["triton"]["models"], export_dir / m["triton"]["dir"]

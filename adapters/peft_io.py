@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from train.config import RunConfig
-from train.errors import AdapterError
+from adapters.config import RunConfig
+from adapters.errors import AdapterError
 
 CONFIG, WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
 CHECKPOINT, CHECKPOINT_META, CRF_WEIGHTS = "model.safetensors", "edgetune.json", "crf.safetensors"
@@ -107,7 +107,7 @@ def adapter_tensors(model, method: str) -> dict[str, torch.Tensor]:
     for name, t in model.base.classifier.state_dict().items():
         out[f"{head_prefix}.{name}"] = t
     if method == "lora":
-        from train.model import lora_modules
+        from adapters.model import lora_modules
 
         for path, m in lora_modules(model).items():
             out[f"base_model.model.{path}.lora_A.weight"] = m.lora_A.weight

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from train.errors import ConfigError
+from adapters.errors import ConfigError
 
 
 class LoRALinear(nn.Module):

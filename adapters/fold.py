@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from train.errors import AdapterError
-from train.prefix import split_prefix_table
+from adapters.errors import AdapterError
+from adapters.prefix import split_prefix_table
 
 LORA_PREFIX = "base_model.model."
 

@@ -1,4 +1,4 @@
-"""``python -m kernels.bench --out FILE.json``: the Triton prefix-attention kernel against its baselines, on a GPU.
+"""``python -m bench.kernels --out FILE.json``: the Triton prefix-attention kernel against its baselines, on a GPU.
 
 Attention alone (default: fp16, batch 32, 12 heads, sequence 128 with right padding, prefix 16, head dims 32 and 64),
 forward and forward+backward, median ms per call two ways: launched one call at a time from Python (CUDA events,
@@ -216,7 +216,7 @@ def sweep_forward(args: argparse.Namespace, d: int) -> dict:
 
 def attention_functions() -> tuple[tuple[str, Callable], ...]:
     """The training step's attention functions by name: the kernel, and SDPA over the concatenation (PEFT's way)."""
-    from train.prefix import prefix_attention, sdpa_concat_attention
+    from adapters.prefix import prefix_attention, sdpa_concat_attention
 
     return ("triton_prefix", prefix_attention), ("sdpa_concat_mask", sdpa_concat_attention)
 
@@ -227,7 +227,7 @@ def training_step(args: argparse.Namespace, batch: int) -> tuple[torch.nn.Module
     train.prefix.ATTN_SDPA. CUDA-graph safe: capturable AdamW, no autocast weight cache."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from train.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel
+    from adapters.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel
 
     cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, num_labels=77,
                      max_position_embeddings=512, attn_implementation=ATTN_SDPA)  # fmt: skip
@@ -260,7 +260,7 @@ def bench_training_step(args: argparse.Namespace, batch: int) -> dict:
     draw their dropout on the device, so every replay drops afresh). Interleaved rounds, the faster of two kept."""
     from transformers import AttentionInterface
 
-    from train.prefix import ATTN_SDPA, register_attention
+    from adapters.prefix import ATTN_SDPA, register_attention
 
     register_attention()
     model, step = training_step(args, batch)
@@ -273,7 +273,7 @@ def bench_training_step(args: argparse.Namespace, batch: int) -> dict:
                 row = result.setdefault(f"{name}{'' if dropout else '_no_dropout'}", {})
                 for key, ms in zip(("step_ms", "graph_step_ms"), _timings(step, args, calls=3), strict=True):
                     row[key] = min(ms, row[key]) if isinstance(ms, float) and isinstance(row.get(key), float) else ms
-    register_attention()  # back to train/prefix.py's function
+    register_attention()  # back to adapters/prefix.py's function
     model.train()
     for suffix in ("", "_no_dropout"):
         kernel, concat = result[f"triton_prefix{suffix}"], result[f"sdpa_concat_mask{suffix}"]
@@ -288,7 +288,7 @@ def profile_training_step(args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AttentionInterface
 
-    from train.prefix import ATTN_SDPA, register_attention
+    from adapters.prefix import ATTN_SDPA, register_attention
 
     register_attention()
     _, step = training_step(args, args.train_batches[0])
@@ -305,7 +305,7 @@ def profile_training_step(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="JSON file to write (required unless --report)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--heads", type=int, default=12)
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is None:
         ap.error("--out is required (or --report to reprint a saved report)")
     if not torch.cuda.is_available():
-        sys.exit("kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False): run it on a GPU machine")
+        sys.exit("bench.kernels needs a CUDA GPU (torch.cuda.is_available() is False): run it on a GPU machine")
     if args.profile_step:
         profile_training_step(args)
         return
@@ -410,7 +410,7 @@ def plot_sequence_sweep(report: dict, path: Path) -> None:
 
     sweeps = report.get("seq_sweep")
     if not sweeps:
-        raise ValueError("the report has no sequence sweep (run kernels.bench with --seqs)")
+        raise ValueError("the report has no sequence sweep (run bench.kernels with --seqs)")
     fig, axes = plt.subplots(2, len(sweeps), figsize=(5 * len(sweeps), 7), squeeze=False)
     cfg = report.get("config", {})
     for col, (d, points) in enumerate(sweeps.items()):

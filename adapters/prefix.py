@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from train.prompt import prepend_prompt
+from adapters.prompt import prepend_prompt
 
 ATTN_SDPA = "edgetune_sdpa"  # training and the eager model (export/attention.py has the exported form)
 

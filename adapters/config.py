@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from train.errors import ConfigError
+from adapters.errors import ConfigError, EdgetuneError
 
 METHODS = ("p_tuning_v2", "lora", "prompt_tuning", "p_tuning", "full", "head")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -244,3 +244,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def run_config(run_dir: Path):
+    """The RunConfig a run was trained with (RUN/config.yaml)."""
+    from adapters.config import load_config
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise EdgetuneError(
+            f"{cfg_path} is missing: the parity gate needs the run's dev data "
+            "(pass --run of a trained run, or --data to name the data of an adapter trained elsewhere)"
+        )
+    return load_config(cfg_path)

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train.config import RunConfig
-from train.errors import ConfigError
-from train.lora import LoRALinear, inject_lora
-from train.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, register_attention
-from train.prompt import PromptEmbedding, PromptEncoder
-from train.tagging import CRF
+from adapters.config import RunConfig
+from adapters.crf import CRF
+from adapters.errors import ConfigError
+from adapters.lora import LoRALinear, inject_lora
+from adapters.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, register_attention
+from adapters.prompt import PromptEmbedding, PromptEncoder
 
 VIRTUAL_TOKEN_METHODS = ("p_tuning_v2", "prompt_tuning", "p_tuning")
 

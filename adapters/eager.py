@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.fold import freeze_prefix
-from train.adapter_io import CHECKPOINT_METHODS, Adapter, head_state, load_adapter
-from train.errors import AdapterError
-from train.lora import LoRALinear, inject_lora
-from train.model import base_model_path, load_base
-from train.prefix import ATTN_SDPA, FrozenPrefix, PrefixModel
-from train.prompt import FrozenPrompt
-from train.tagging import CRF
+from adapters.crf import CRF
+from adapters.errors import AdapterError
+from adapters.fold import freeze_prefix
+from adapters.lora import LoRALinear, inject_lora
+from adapters.model import base_model_path, load_base
+from adapters.peft_io import CHECKPOINT_METHODS, Adapter, head_state, load_adapter
+from adapters.prefix import ATTN_SDPA, FrozenPrefix, PrefixModel
+from adapters.prompt import FrozenPrompt
 
 
 def attach_adapter(base: nn.Module, adapter: Adapter, num_heads: int) -> PrefixModel:

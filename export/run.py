@@ -1,0 +1,265 @@
+"""Export a run: RUN/adapter -> RUN/export (model.onnx, model.int8.onnx, model.fp16.onnx, tokenizer, labels,
+manifest, triton/), each graph through its gate. ``python -m export`` is the command line over ``export_run``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from adapters.config import run_config
+from adapters.errors import EdgetuneError
+from train.splits import dev_split, parity_texts
+from train.staging import staging_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def reference_models(adapter_dir: Path, adapter, base_path: Path):
+    """The eager adapter model as trained (SDPA attention, adapter unmerged), and the bare base with the same head."""
+    from adapters.eager import attach_adapter, load_adapter_model
+    from adapters.model import load_base
+    from adapters.peft_io import CHECKPOINT_METHODS
+    from adapters.prefix import PrefixModel
+
+    eager = load_adapter_model(adapter_dir, str(base_path))
+    if adapter.method in CHECKPOINT_METHODS:  # the pretrained encoder under the fine-tuned classifier
+        base = load_base(base_path, adapter.label_names, task=adapter.task)
+        base.classifier.load_state_dict(eager.base.classifier.state_dict())
+        bare = PrefixModel(base, None, eager.num_heads).eval()
+    elif adapter.method == "lora":
+        bare = attach_adapter(load_base(base_path, adapter.label_names, task=adapter.task), _zero_lora(adapter), eager.num_heads)
+    else:
+        bare = PrefixModel(eager.base, None, eager.num_heads).eval()
+    return eager, bare
+
+
+def graph_module(
+    adapter_dir: Path, adapter, base_path: Path, config, decode: bool = True
+) -> tuple[torch.nn.Module, dict[str, int]]:
+    """The module to trace and the fused ops its optimised graph must contain (a tagger wrapped in TaggerGraph, with
+    the CRF's Viterbi decode in the graph unless ``decode`` is off).
+
+    Full / head-only: the fine-tuned model folder itself. LoRA: merged into the base weights. Both as plain BERT with
+    transformers' eager attention (what onnxruntime fuses into Attention). Prefix: frozen per-layer prefix, exported as one Attention per layer with the prefix as its past.
+    """
+    from adapters.eager import crf_module, load_adapter_model
+    from adapters.fold import merge_lora
+    from adapters.model import load_base
+    from adapters.peft_io import CHECKPOINT_METHODS, head_state
+    from export.attention import fuse_prefix_attention
+    from export.graph import LogitsOnly, PromptLogits, TaggerGraph
+
+    layers = config.num_hidden_layers
+    plain_graph = {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1}
+    task = adapter.task
+    if adapter.method in CHECKPOINT_METHODS:
+        module, expected = LogitsOnly(load_base(adapter_dir, adapter.label_names, "eager", task)).eval(), plain_graph
+    elif adapter.method in ("prompt_tuning", "p_tuning"):
+        plain = load_base(base_path, adapter.label_names, "eager", task)
+        plain.classifier.load_state_dict(head_state(adapter.tensors))
+        module, expected = PromptLogits(plain, adapter.tensors["prompt_embeddings"]).eval(), plain_graph
+    elif adapter.method == "lora":
+        plain = load_base(base_path, adapter.label_names, "eager", task)
+        state = merge_lora(plain.state_dict(), adapter.tensors, int(adapter.config["r"]), float(adapter.config["lora_alpha"]))
+        state.update({f"classifier.{k}": v for k, v in head_state(adapter.tensors).items()})
+        plain.load_state_dict(state)
+        module, expected = LogitsOnly(plain).eval(), plain_graph
+    else:
+        module = fuse_prefix_attention(load_adapter_model(adapter_dir, str(base_path)))
+        expected = {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1, "BiasGelu": layers}
+    if task == "tagging":
+        module = TaggerGraph(module, crf_module(adapter), decode).eval()
+    return module, expected
+
+
+def int8_graph(tmp: Path, session, tok, run, label_names: list[str], max_length: int, max_drop: float):
+    """Write tmp/model.int8.onnx and return its accuracy gate (raises ParityError when it loses too much)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.quantize import check_int8, quantize_int8
+
+    quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
+    dev = dev_split(run)
+    index = {name: i for i, name in enumerate(label_names)}
+    labels = np.asarray([index.get(label, -1) for label in dev.labels])
+    int8_session = ort.InferenceSession(str(tmp / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    return check_int8(session, int8_session, tok, list(dev.texts), labels, max_length, max_drop)
+
+
+def fp16_graph(tmp: Path, session, tok, run, tagging: bool, max_length: int, crf):
+    """Write tmp/model.fp16.onnx and return (its gate against the fp32 graph, None): the dev split's logits
+    (classifier, as the int8 gate), or every dev sentence's emissions and tags (tagger). A failed gate removes the file
+    and returns (None, why): the model is beyond fp16, not the export broken (export/fp16.py), so the gated fp32 export
+    is still written, with the reason in the manifest (``fp16_skipped``). A conversion that breaks the graph raises.
+    """
+    from adapters.crf import decode_tags
+    from adapters.errors import ParityError
+    from export.fp16 import FILE, convert_fp16, gate_classifier, gate_tagger, open_fp16
+
+    kept = convert_fp16(tmp / "model.onnx", tmp / FILE)
+    fp16_session = open_fp16(tmp / FILE)
+    dev = dev_split(run)
+
+    def decode(emissions, mask):  # an emissions-only graph: the server's decode, with the same CRF
+        return decode_tags(crf, torch.from_numpy(emissions), torch.from_numpy(mask)).numpy()
+
+    try:
+        if tagging:
+            return gate_tagger(session, fp16_session, tok, list(dev.tokens), max_length, kept, decode), None
+        return gate_classifier(session, fp16_session, tok, list(dev.texts), max_length, kept), None
+    except ParityError as e:
+        del fp16_session
+        (tmp / FILE).unlink()
+        return None, f"{e}; {FILE} not written"
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Move a completed folder into place, replacing an older one only once the new one is complete."""
+    tmp.chmod(0o755)  # staging folders are private; the export folder is for deploying
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
+def export_run(
+    run_dir: Path,
+    base_model: str = "",
+    tolerance: float | None = None,
+    int8: bool = True,
+    int8_max_drop: float = 0.01,
+    decode: bool = True,
+    adapter_dir: Path | None = None,
+    data: str = "",
+    fp16: bool = True,
+    triton: bool = True,
+) -> dict:
+    """Export RUN/adapter to RUN/export through the parity gate (and an int8 graph through its accuracy gate, an fp16
+    graph through its gate against the fp32 graph (a failed one skips it, see fp16_graph), and a Triton model
+    repository in RUN/export/triton/).
+
+    A tagger's graph decodes tags (CRF Viterbi or argmax) unless ``decode`` is off (emissions only, the CRF in
+    crf.json for the server to decode); the int8 graph is for classifiers only. ``adapter_dir`` (default RUN/adapter)
+    may be any adapter folder, PEFT-written ones included; ``data`` then names the dataset whose dev split the parity
+    gate uses (default: the run's config.yaml). ``fp16`` / ``triton`` off: no model.fp16.onnx / no triton/.
+
+    Returns the manifest. Raises EdgetuneError subclasses; on any failure no export folder is left behind.
+    """
+    import onnxruntime as ort
+    import transformers
+    from transformers import AutoTokenizer
+
+    from adapters.config import load_config
+    from adapters.model import VIRTUAL_TOKEN_METHODS, base_model_path
+    from adapters.peft_io import load_adapter
+    from export.graph import OPSET, graph_outputs, optimize, trace_to_onnx
+    from export.parity import check_parity, check_tagging_parity
+
+    t0 = time.perf_counter()
+    adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / "adapter"
+    adapter = load_adapter(adapter_dir)
+    cfg = load_config(None, [f"data={data}", f"task={adapter.task}"]) if data else run_config(run_dir)
+    max_length = cfg.max_length
+    named = base_model or adapter.config.get("base_model_name_or_path") or ""
+    if named and not base_model and not Path(named).is_dir():
+        raise EdgetuneError(f"the adapter's base model {named!r} is not a folder here (offline): pass --base-model DIR")
+    base_path = base_model_path(named)
+    eager, bare = reference_models(adapter_dir, adapter, base_path)
+    virtual = int(adapter.config.get("num_virtual_tokens", 0)) if adapter.method in VIRTUAL_TOKEN_METHODS else 0
+    c = eager.base.config
+    module, expected = graph_module(adapter_dir, adapter, base_path, c, decode)
+    tagging = adapter.task == "tagging"
+
+    with staging_dir(run_dir, ".export.") as tmp:
+        trace_to_onnx(module, tmp / "raw.onnx")
+        fused = optimize(tmp / "raw.onnx", tmp / "model.onnx", c.num_attention_heads, c.hidden_size, expected)
+        (tmp / "raw.onnx").unlink()
+        session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
+        tok = AutoTokenizer.from_pretrained(base_path)
+        if tagging:  # every dev sentence: emissions and decoded paths
+            sentences = list(dev_split(cfg).tokens)
+            parity = check_tagging_parity(
+                session, eager, bare, tok, sentences, max_length, tolerance, require_effect=adapter.method != "head"
+            )
+        else:
+            texts = parity_texts(cfg)
+            # head-only training leaves the encoder as it was: nothing beyond the classifier for the effect check to see
+            parity = check_parity(
+                session, eager, bare, tok, texts, max_length, tolerance, require_effect=adapter.method != "head"
+            )
+        prefix_op = None
+        if (
+            adapter.method == "p_tuning_v2" and not tagging
+        ):  # the same graph with the edgetune.PrefixAttention op (kernels/ort/), same gate
+            from export.prefix_op import export_prefix_op
+
+            prefix_op = export_prefix_op(tmp, lambda s: check_parity(s, eager, bare, tok, texts, max_length, tolerance))
+        use_int8 = int8 and not tagging
+        gate = int8_graph(tmp, session, tok, cfg, adapter.label_names, max_length, int8_max_drop) if use_int8 else None
+        half, half_skipped = (None, "not asked for (--no-fp16)")
+        if fp16:
+            half, half_skipped = fp16_graph(tmp, session, tok, cfg, tagging, max_length, eager.crf)
+        if tagging and not decode and eager.crf is not None:  # the server decodes emissions with this CRF
+            (tmp / "crf.json").write_text(json.dumps({k: v.tolist() for k, v in eager.crf.state_dict().items()}))
+        for name in TOKENIZER_FILES:
+            if (base_path / name).is_file():
+                shutil.copy2(base_path / name, tmp / name)
+        plain_config = c.to_dict()
+        plain_config.pop("_attn_implementation_autoset", None)
+        plain_config["attn_implementation"] = None
+        (tmp / "config.json").write_text(json.dumps(plain_config, indent=2, default=str))
+        (tmp / "labels.json").write_text(json.dumps(adapter.label_names, indent=1))
+        repo = None
+        if triton:
+            from export.triton_repo import write_triton_repo
+
+            name = (run_dir.resolve() if run_dir.name in ("", ".", "..") else run_dir).name
+            repo = write_triton_repo(tmp, name, adapter.label_names, max_length, tok.pad_token, not tagging)
+        manifest = {
+            "method": adapter.method,
+            "task": "token-classification" if tagging else "sequence-classification",
+            "head": "crf" if eager.crf is not None else "linear",
+            "decode_in_graph": decode if tagging else None,
+            "base_model": str(base_path),
+            "adapter_sha256": adapter.sha256,
+            "num_virtual_tokens": virtual,
+            "inputs": [i.name for i in session.get_inputs()],
+            "outputs": graph_outputs(module),
+            "max_length": max_length,
+            "max_positions": c.max_position_embeddings - virtual,
+            "num_labels": len(adapter.label_names),
+            "opset": OPSET,
+            "exporter": "torch.onnx (TorchScript) + onnxruntime.transformers.optimizer",
+            "fused_ops": fused,
+            "onnxruntime_version": ort.__version__,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "providers_tested": [parity.provider],
+            "parity": parity.to_dict(),
+            "int8": gate.to_dict() if gate else None,
+            "prefix_op": prefix_op,
+            "fp16": half.to_dict() if half else None,
+            "fp16_skipped": half_skipped,
+            "triton": repo,
+            "export_seconds": round(time.perf_counter() - t0, 1),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        replace_folder(tmp, run_dir / "export")
+    return manifest
+
+
+def _zero_lora(adapter):
+    """The same adapter with every LoRA B set to zero: the bare base model with the trained head."""
+    from dataclasses import replace
+
+    tensors = {k: (torch.zeros_like(v) if k.endswith("lora_B.weight") else v) for k, v in adapter.tensors.items()}
+    return replace(adapter, tensors=tensors)
