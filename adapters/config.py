@@ -248,7 +248,6 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 
 def run_config(run_dir: Path):
     """The RunConfig a run was trained with (RUN/config.yaml)."""
-    from adapters.config import load_config
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():

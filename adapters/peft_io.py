@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from adapters.config import RunConfig
 from adapters.errors import AdapterError
+from adapters.model import lora_modules
 
 CONFIG, WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
 CHECKPOINT, CHECKPOINT_META, CRF_WEIGHTS = "model.safetensors", "edgetune.json", "crf.safetensors"
@@ -107,8 +108,6 @@ def adapter_tensors(model, method: str) -> dict[str, torch.Tensor]:
     for name, t in model.base.classifier.state_dict().items():
         out[f"{head_prefix}.{name}"] = t
     if method == "lora":
-        from adapters.model import lora_modules
-
         for path, m in lora_modules(model).items():
             out[f"base_model.model.{path}.lora_A.weight"] = m.lora_A.weight
             out[f"base_model.model.{path}.lora_B.weight"] = m.lora_B.weight

@@ -28,8 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+from onnxruntime.transformers.onnx_model import OnnxModel
 
 from adapters.errors import ExportError, ParityError
+from export.quantize import logits_onnx
+from text.words import first_pieces
+from train.tagging import collate_words
 
 FILE = "model.fp16.onnx"
 KEEP_FP32 = ("Loop",)  # beyond the converter's default block list; see the module docstring
@@ -51,8 +57,6 @@ def convert_fp16(src: Path, dst: Path) -> list[str]:
         ExportError: the converted graph changed the graph's inputs or outputs, or a weight read by a converted node
             is still fp32 (then the graph would not be the fp16 graph it claims to be).
     """
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
-    from onnxruntime.transformers.onnx_model import OnnxModel
 
     block = [*DEFAULT_OP_BLOCK_LIST, *KEEP_FP32]
     fp32 = onnx.load(str(src))
@@ -85,7 +89,6 @@ def open_fp16(path: Path):
     Raises:
         ExportError: the CPU provider cannot create it (naming what it lacks), with what to do.
     """
-    import onnxruntime as ort
 
     try:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -156,7 +159,6 @@ def check_fp16(
 
 def gate_classifier(fp32_session, fp16_session, tokenizer, texts: list[str], max_length: int, kept: list[str]) -> Fp16Gate:
     """Logits of both graphs on ``texts`` (batches of similar length, as the int8 gate), then check_fp16."""
-    from export.quantize import logits_onnx
 
     l32 = logits_onnx(fp32_session, tokenizer, texts, max_length)
     l16 = logits_onnx(fp16_session, tokenizer, texts, max_length)
@@ -170,8 +172,6 @@ def gate_tagger(
 ) -> Fp16Gate:  # fmt: skip
     """Emissions at every real word and the decoded tags of both graphs on pre-split ``sentences``, then check_fp16.
     ``decode(emissions, word_mask)`` -> tags decodes an emissions-only graph's output (the server's CRF)."""
-    from text.words import first_pieces
-    from train.tagging import collate_words
 
     e32, e16, agree = [], [], 0
     for start in range(0, len(sentences), batch_size):

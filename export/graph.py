@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnxruntime.transformers.optimizer import optimize_model
 from torch import nn
 
 from adapters.errors import ExportError
@@ -114,7 +115,6 @@ def optimize(raw: Path, out: Path, num_heads: int, hidden: int, expected: dict[s
     Raises:
         ExportError: a fusion we count on did not happen (rather than shipping the slow graph silently).
     """
-    from onnxruntime.transformers.optimizer import optimize_model
 
     opt = optimize_model(str(raw), model_type="bert", num_heads=num_heads, hidden_size=hidden)
     stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}

@@ -16,7 +16,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from adapters.crf import decode_tags
 from adapters.errors import ParityError
+from text.words import first_pieces
+from train.tagging import collate_words, gather_words
 
 BATCH_SIZES = (1, 8, 32, 1, 8, 32)  # 82 sentences, each size twice
 DEFAULT_TOLERANCE = 1e-4
@@ -160,9 +163,6 @@ def check_tagging_parity(
     Raises:
         ParityError: as check_parity, with paths instead of argmax.
     """
-    from adapters.crf import decode_tags
-    from text.words import first_pieces
-    from train.tagging import collate_words, gather_words
 
     sizes = [1, 8] + [32] * max(0, -(-(len(sentences) - 9) // 32))
     outputs = [o.name for o in session.get_outputs()]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from adapters.errors import ParityError
 
@@ -22,7 +23,6 @@ def quantize_int8(src: Path, dst: Path) -> None:
     per output channel; activations are quantised at run time (the variants compared: docs/BENCHMARKS.md, "int8
     variants").
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()  # the quantizer logs "consider pre-processing" advice on the root logger on every call
     level = root.level

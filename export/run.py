@@ -6,12 +6,30 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
+import transformers
+from transformers import AutoTokenizer
 
-from adapters.config import run_config
-from adapters.errors import EdgetuneError
+from adapters.config import load_config, run_config
+from adapters.crf import decode_tags
+from adapters.eager import attach_adapter, crf_module, load_adapter_model
+from adapters.errors import EdgetuneError, ParityError
+from adapters.fold import merge_lora
+from adapters.model import VIRTUAL_TOKEN_METHODS, base_model_path, load_base
+from adapters.peft_io import CHECKPOINT_METHODS, head_state, load_adapter
+from adapters.prefix import PrefixModel
+from export.attention import fuse_prefix_attention
+from export.fp16 import FILE, convert_fp16, gate_classifier, gate_tagger, open_fp16
+from export.graph import OPSET, LogitsOnly, PromptLogits, TaggerGraph, graph_outputs, optimize, trace_to_onnx
+from export.parity import check_parity, check_tagging_parity
+from export.prefix_op import export_prefix_op
+from export.quantize import check_int8, quantize_int8
+from export.triton_repo import write_triton_repo
 from train.splits import dev_split, parity_texts
 from train.staging import staging_dir
 
@@ -20,10 +38,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 
 def reference_models(adapter_dir: Path, adapter, base_path: Path):
     """The eager adapter model as trained (SDPA attention, adapter unmerged), and the bare base with the same head."""
-    from adapters.eager import attach_adapter, load_adapter_model
-    from adapters.model import load_base
-    from adapters.peft_io import CHECKPOINT_METHODS
-    from adapters.prefix import PrefixModel
 
     eager = load_adapter_model(adapter_dir, str(base_path))
     if adapter.method in CHECKPOINT_METHODS:  # the pretrained encoder under the fine-tuned classifier
@@ -46,12 +60,6 @@ def graph_module(
     Full / head-only: the fine-tuned model folder itself. LoRA: merged into the base weights. Both as plain BERT with
     transformers' eager attention (what onnxruntime fuses into Attention). Prefix: frozen per-layer prefix, exported as one Attention per layer with the prefix as its past.
     """
-    from adapters.eager import crf_module, load_adapter_model
-    from adapters.fold import merge_lora
-    from adapters.model import load_base
-    from adapters.peft_io import CHECKPOINT_METHODS, head_state
-    from export.attention import fuse_prefix_attention
-    from export.graph import LogitsOnly, PromptLogits, TaggerGraph
 
     layers = config.num_hidden_layers
     plain_graph = {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1}
@@ -78,10 +86,6 @@ def graph_module(
 
 def int8_graph(tmp: Path, session, tok, run, label_names: list[str], max_length: int, max_drop: float):
     """Write tmp/model.int8.onnx and return its accuracy gate (raises ParityError when it loses too much)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from export.quantize import check_int8, quantize_int8
 
     quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
     dev = dev_split(run)
@@ -97,9 +101,6 @@ def fp16_graph(tmp: Path, session, tok, run, tagging: bool, max_length: int, crf
     and returns (None, why): the model is beyond fp16, not the export broken (export/fp16.py), so the gated fp32 export
     is still written, with the reason in the manifest (``fp16_skipped``). A conversion that breaks the graph raises.
     """
-    from adapters.crf import decode_tags
-    from adapters.errors import ParityError
-    from export.fp16 import FILE, convert_fp16, gate_classifier, gate_tagger, open_fp16
 
     kept = convert_fp16(tmp / "model.onnx", tmp / FILE)
     fp16_session = open_fp16(tmp / FILE)
@@ -154,15 +155,6 @@ def export_run(
 
     Returns the manifest. Raises EdgetuneError subclasses; on any failure no export folder is left behind.
     """
-    import onnxruntime as ort
-    import transformers
-    from transformers import AutoTokenizer
-
-    from adapters.config import load_config
-    from adapters.model import VIRTUAL_TOKEN_METHODS, base_model_path
-    from adapters.peft_io import load_adapter
-    from export.graph import OPSET, graph_outputs, optimize, trace_to_onnx
-    from export.parity import check_parity, check_tagging_parity
 
     t0 = time.perf_counter()
     adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / "adapter"
@@ -200,8 +192,6 @@ def export_run(
         if (
             adapter.method == "p_tuning_v2" and not tagging
         ):  # the same graph with the edgetune.PrefixAttention op (kernels/ort/), same gate
-            from export.prefix_op import export_prefix_op
-
             prefix_op = export_prefix_op(tmp, lambda s: check_parity(s, eager, bare, tok, texts, max_length, tolerance))
         use_int8 = int8 and not tagging
         gate = int8_graph(tmp, session, tok, cfg, adapter.label_names, max_length, int8_max_drop) if use_int8 else None
@@ -220,8 +210,6 @@ def export_run(
         (tmp / "labels.json").write_text(json.dumps(adapter.label_names, indent=1))
         repo = None
         if triton:
-            from export.triton_repo import write_triton_repo
-
             name = (run_dir.resolve() if run_dir.name in ("", ".", "..") else run_dir).name
             repo = write_triton_repo(tmp, name, adapter.label_names, max_length, tok.pad_token, not tagging)
         manifest = {
@@ -259,7 +247,6 @@ def export_run(
 
 def _zero_lora(adapter):
     """The same adapter with every LoRA B set to zero: the bare base model with the trained head."""
-    from dataclasses import replace
 
     tensors = {k: (torch.zeros_like(v) if k.endswith("lora_B.weight") else v) for k, v in adapter.tensors.items()}
     return replace(adapter, tensors=tensors)

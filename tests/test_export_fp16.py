@@ -90,26 +90,26 @@ def test_fp16_gate_bites(exported, tmp_path):
 
 def test_failed_fp16_gate_skips_the_fp16_graph_and_says_why(runs, tmp_path, monkeypatch, capsys):
     """A model beyond fp16 keeps its gated fp32 export, without model.fp16.onnx and with the reason in the manifest."""
-    import export.fp16
+    import export.run
 
     run = tmp_path / "run"
     shutil.copytree(runs("tiny", "lora"), run)
     shutil.rmtree(run / "export", ignore_errors=True)
-    real = export.fp16.convert_fp16
+    real = export.run.convert_fp16
 
     def corrupted(src, dst):
         kept = real(src, dst)
         _negate_classifier(dst)
         return kept
 
-    monkeypatch.setattr(export.fp16, "convert_fp16", corrupted)
+    monkeypatch.setattr(export.run, "convert_fp16", corrupted)  # the name the export calls
     assert main(["--run", str(run), "--no-int8"]) == 0
     assert "warning: fp16 gate failed: model.fp16.onnx logits differ" in capsys.readouterr().err
     m = json.loads((run / "export" / "manifest.json").read_text())
     assert m["fp16"] is None and m["fp16_skipped"].endswith(f"{FILE} not written") and m["parity"]["argmax_agree"] == 1.0
     assert not (run / "export" / FILE).exists() and (run / "export" / "model.onnx").is_file()
     assert not list(run.glob(".export*"))
-    monkeypatch.setattr(export.fp16, "convert_fp16", real)
+    monkeypatch.setattr(export.run, "convert_fp16", real)
     assert main(["--run", str(run), "--no-int8", "--no-fp16", "--no-triton"]) == 0
     m = json.loads((run / "export" / "manifest.json").read_text())
     assert m["fp16"] is None and m["fp16_skipped"] == "not asked for (--no-fp16)" and m["triton"] is None

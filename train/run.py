@@ -7,24 +7,24 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from adapters.config import load_config, save_config
+from adapters.model import base_model_path, build_model
+from adapters.peft_io import CHECKPOINT_METHODS, adapter_tensors, peft_config, save_adapter, save_checkpoint, save_crf
 from train import dist
+from train.data import encode, load_dataset
+from train.loop import evaluate, pick_device, train, use_bf16
 from train.staging import staging_dir
+from train.tagging import encode_tagged, load_tagging_dataset
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
 
 def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
     """Train one run and write RUN/adapter, RUN/config.yaml and RUN/metrics.json. Returns the metrics."""
-    import numpy as np
-    import torch
-    from transformers import AutoTokenizer
-
-    from adapters.config import load_config, save_config
-    from adapters.model import base_model_path, build_model
-    from adapters.peft_io import CHECKPOINT_METHODS, adapter_tensors, peft_config, save_adapter, save_checkpoint, save_crf
-    from train.data import encode, load_dataset
-    from train.loop import evaluate, pick_device, train, use_bf16
-    from train.tagging import encode_tagged, load_tagging_dataset
 
     asked = load_config(config_path, overrides)  # written to RUN/config.yaml: it reproduces the run on any machine
     cfg = asked.for_precision(use_bf16(asked, pick_device(asked)))
