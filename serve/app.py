@@ -207,7 +207,7 @@ class RefuseWhenFull:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and (full := self._full(scope)) is not None:
-            await self._refuse(scope, send, *full)
+            await self._refuse(scope, receive, send, *full)
             return
         await self.app(scope, receive, send)
 
@@ -237,17 +237,12 @@ class RefuseWhenFull:
                 return None  # 401 the usual way
         return entry, route
 
-    async def _refuse(self, scope, send, entry: Entry, route: str) -> None:
+    async def _refuse(self, scope, receive, send, entry: Entry, route: str) -> None:
         t0 = time.perf_counter()
-        request_id = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), uuid.uuid4().hex[:16])
-        e = self.state.repo.overloaded(entry)
-        body = json.dumps(e.body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"retry-after", e.headers["Retry-After"].encode()), (b"x-request-id", request_id.encode("latin-1"))]  # fmt: skip
-        await send({"type": "http.response.start", "status": e.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        await error_response(self.state.repo.overloaded(entry), given or uuid.uuid4().hex[:16])(scope, receive, send)
         m = self.state.metrics
-        m.requests.labels(entry.name, route, str(e.status)).inc()
+        m.requests.labels(entry.name, route, "429").inc()
         m.request_seconds.labels(entry.name, route).observe(time.perf_counter() - t0)
 
 
