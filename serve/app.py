@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from serve.errors import ApiError
 from serve.metrics import Metrics
 from serve.openapi import openapi
 from serve.repository import Entry, Repository
-from serve.runtime import ServeError, TextTooLong
+from serve.runtime import ServeError
 
 log = logging.getLogger("edgetune.serve")
 VERSION = "0.1.0"
@@ -57,6 +58,15 @@ class State:
         return not self.draining and bool(self.repo.entries)
 
 
+_ids = itertools.count()
+_ID_PREFIX = os.urandom(4).hex()  # this process's; the counter makes each request's unique within it
+
+
+def next_id() -> str:
+    """A request id for a request that brought none (16 hex digits, as a client's X-Request-Id usually is)."""
+    return f"{_ID_PREFIX}{next(_ids):08x}"
+
+
 def error_response(e: ApiError, request_id: str) -> Response:
     headers = {**e.headers, "X-Request-Id": request_id}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -69,7 +79,7 @@ OPEN_ROUTES = ("/health", "/v2/health/live", "/v2/health/ready")  # no API key: 
 def endpoint(route: str, handler: Handler, state: State) -> Callable[[Request], Awaitable[Response]]:
     async def serve(request: Request) -> Response:
         t0 = time.perf_counter()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        request_id = request.headers.get("x-request-id") or next_id()
         request.state.model = request.path_params.get("name", "")
         try:
             if state.api_key and route not in OPEN_ROUTES:
@@ -147,21 +157,13 @@ def flag(payload: dict, key: str, default: bool) -> bool:
 
 
 async def infer(request: Request, state: State, entry: Entry, texts: list[str], truncate: bool) -> tuple[list, list]:
-    """(rows, outputs) of texts on a model: admitted (or 429), tokenised off the event loop, queued for the scheduler,
-    awaited until done, the client goes away (rows dropped), or the request times out (504, rows dropped)."""
+    """(rows, outputs) of texts on a model: admitted (or 429), handed to its scheduler (which tokenises them off the
+    event loop and batches their rows), awaited until done, the client goes away (rows dropped), or the request times
+    out (504, rows dropped)."""
     m, name = state.metrics, entry.name
     state.repo.acquire(entry, state.limits.max_concurrent_requests)
     try:
-        t0 = time.perf_counter()
-        try:
-            rows = await asyncio.to_thread(entry.model.rows, texts, truncate)
-        except TextTooLong as e:
-            raise ApiError("validation", str(e)) from None
-        except ServeError as e:
-            raise ApiError("validation", str(e)) from None
-        m.tokenize_seconds.labels(name).observe(time.perf_counter() - t0)
-        futures = entry.scheduler.submit(rows)
-        done = asyncio.gather(*futures)
+        done = entry.scheduler.submit(texts, truncate)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             finished, _ = await asyncio.wait(
@@ -170,13 +172,14 @@ async def infer(request: Request, state: State, entry: Entry, texts: list[str], 
         finally:
             gone.cancel()
         if done not in finished:
-            for f in futures:
-                f.cancel()
             done.cancel()
             if gone in finished:
                 raise ApiError("malformed", "the client went away")  # nobody reads this answer
             raise ApiError("timeout", f"the request took over {state.limits.request_timeout:g} s (--request-timeout)")
-        outputs = done.result()
+        try:
+            rows, outputs = done.result()
+        except ServeError as e:  # TextTooLong, or a text the tokenizer refuses
+            raise ApiError("validation", str(e)) from None
         m.texts.labels(name).inc(len(rows))
         if n := sum(r.truncated for r in rows):
             m.truncated.labels(name).inc(n)
@@ -192,55 +195,71 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-class RefuseWhenFull:
-    """Answers 429 to an inference request whose model is full before the body is read or a route is matched.
+class FrontDoor:
+    """The ASGI entry for inference: ``POST /predict`` and the v2 infer routes go straight to their endpoint, past
+    Starlette's router and exception layers (the endpoint answers every error itself), and a request for a model at its
+    limit is answered 429 before its body is read.
 
-    Under overload the refusals far outnumber the admitted requests, and each one through the whole stack (routing,
-    body, JSON, validation) costs the cores the model needs. This path knows the model from the URL (the v2 infer
-    routes, or ``/predict`` while one model is served) and checks nothing else; every other request, and any whose
-    key is wrong or whose server is draining, goes the usual way. ``infer`` still checks admission for the rest.
+    Under load these requests are nearly all the traffic, and every layer they skip is CPU left to the model; under
+    overload the refusals far outnumber the admitted requests. The 429 path knows the model from the URL (the v2 infer
+    routes, or ``/predict`` while one model is served) and checks nothing else; a request whose key is wrong, or whose
+    server is draining, goes the usual way. ``infer`` still checks admission for the rest. Every other request goes to
+    the Starlette app.
     """
 
-    def __init__(self, app, state: State) -> None:
+    def __init__(self, app, state: State, endpoints: dict[str, Callable[[Request], Awaitable[Response]]]) -> None:
         self.app = app
         self.state = state
+        self.endpoints = endpoints  # route -> endpoint, for the inference routes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and (full := self._full(scope)) is not None:
-            await self._refuse(scope, receive, send, *full)
+        if scope["type"] == "http" and scope["method"] == "POST" and (hit := self._match(scope["path"])) is not None:
+            route, params = hit
+            if (entry := self._full(scope, route, params)) is not None:
+                await self._refuse(scope, receive, send, entry, route)
+                return
+            scope["path_params"] = params
+            response = await self.endpoints[route](Request(scope, receive))
+            await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    def _full(self, scope) -> tuple[Entry, str] | None:
-        """(the model, the route's name) when the request is inference on a model at its limit."""
-        state, path = self.state, scope["path"]
+    @staticmethod
+    def _match(path: str) -> tuple[str, dict[str, str]] | None:
+        """(route, path parameters) of an inference route, or None."""
         if path == "/predict":
+            return path, {}
+        if path.startswith("/v2/models/") and path.endswith("/infer"):
+            parts = path.split("/")  # "", v2, models, name, [versions, version,] infer
+            if len(parts) == 5 and parts[3]:
+                return "/v2/models/{name}/infer", {"name": parts[3]}
+            if len(parts) == 7 and parts[3] and parts[4] == "versions" and parts[5]:
+                return "/v2/models/{name}/versions/{version}/infer", {"name": parts[3], "version": parts[5]}
+        return None
+
+    def _full(self, scope, route: str, params: dict[str, str]) -> Entry | None:
+        """The model, when the request is inference on a model at its limit that may be refused from the URL alone."""
+        state = self.state
+        if route == "/predict":
             if len(state.repo.entries) != 1:
                 return None  # the model is named in the body
-            entry, route = next(iter(state.repo.entries.values())), path
-        elif path.startswith("/v2/models/") and path.endswith("/infer"):
-            parts = path.split("/")  # "", v2, models, name, [versions, 1,] infer
-            if len(parts) == 5:
-                route = "/v2/models/{name}/infer"
-            elif len(parts) == 7 and parts[4:6] == ["versions", "1"]:
-                route = "/v2/models/{name}/versions/{version}/infer"
-            else:
-                return None
-            entry = state.repo.entries.get(parts[3])
+            entry = next(iter(state.repo.entries.values()))
+        elif params.get("version", "1") == "1":
+            entry = state.repo.entries.get(params["name"])
         else:
-            return None
+            return None  # 404 the usual way
         if entry is None or entry.in_flight < state.limits.max_concurrent_requests or state.draining:
             return None
         if state.api_key:
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not key_matches(given, state.api_key):
                 return None  # 401 the usual way
-        return entry, route
+        return entry
 
     async def _refuse(self, scope, receive, send, entry: Entry, route: str) -> None:
         t0 = time.perf_counter()
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        await error_response(self.state.repo.overloaded(entry), given or uuid.uuid4().hex[:16])(scope, receive, send)
+        await error_response(self.state.repo.overloaded(entry), given or next_id())(scope, receive, send)
         m = self.state.metrics
         m.requests.labels(entry.name, route, "429").inc()
         m.request_seconds.labels(entry.name, route).observe(time.perf_counter() - t0)
@@ -400,8 +419,10 @@ def create_app(repo: Repository, limits: ServerLimits | None = None, api_key: st
         state.metrics.requests.labels("", "other", str(response.status_code)).inc()
         return response
 
+    fast = {route.path: route.endpoint for route in routes if route.path.endswith(("/predict", "/infer"))}
     app = Starlette(
-        routes=routes, exception_handlers={HTTPException: http_error}, middleware=[Middleware(RefuseWhenFull, state=state)]
-    )
+        routes=routes, exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(FrontDoor, state=state, endpoints=fast)],
+    )  # fmt: skip
     app.state.edgetune = state
     return app

@@ -1,10 +1,12 @@
 """Batching across requests: one scheduler per model, one session run at a time.
 
-Requests put their rows in the model's queue and await one future per row. A worker thread takes the next batch
-whenever the session is free: the oldest waiting row, then the waiting rows nearest to it in length, up to
-``max_batch_rows`` rows and ``max_batch_tokens`` padded tokens (rows x longest), so that short texts do not pay for
-long ones and no row waits behind more than a batch's worth of newer ones. A row whose future was cancelled (its
-client went away, or its request timed out) is dropped before it runs.
+A request hands its texts to the model's worker thread and awaits one future. The worker tokenises what has arrived
+(off the event loop, between session runs), queues the rows, and takes the next batch whenever the session is free:
+the oldest waiting row, then the waiting rows nearest to it in length, up to ``max_batch_rows`` rows and
+``max_batch_tokens`` padded tokens (rows x longest), so that short texts do not pay for long ones and no row waits
+behind more than a batch's worth of newer ones. A request's rows may run in several batches; its future resolves once
+the last has run. The rows of a request whose future was cancelled (its client went away, or it timed out) are
+dropped before they run.
 """
 
 from __future__ import annotations
@@ -25,14 +27,27 @@ from serve.runtime import Row
 log = logging.getLogger("edgetune.serve")
 
 
+@dataclass(eq=False)
+class Ticket:
+    """One request's texts in the scheduler; its future resolves with (rows, outputs) once every row has run."""
+
+    texts: list[str]
+    truncate: bool
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float
+    rows: list[Row] = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    left: int = 0  # rows not yet run
+
+
 @dataclass(order=True)
 class _Item:
     length: int
     seq: int
     row: Row = field(compare=False)
-    future: asyncio.Future = field(compare=False)
-    loop: asyncio.AbstractEventLoop = field(compare=False)
-    enqueued: float = field(compare=False)
+    ticket: Ticket = field(compare=False)
+    index: int = field(compare=False)  # the row's place in its request
     taken: bool = field(default=False, compare=False)
 
 
@@ -73,24 +88,28 @@ def pick_batch(pending: list[_Item], oldest: _Item, limits: Limits) -> tuple[int
 
 
 class Scheduler:
-    """The queue and worker thread of one model. ``run(rows)`` is the model's batch function (only the worker calls
-    it); ``lock`` serialises its runs with those of other models that share the same cores."""
+    """The queue and worker thread of one model. ``tokenize(texts, truncate)`` turns a request's texts into rows (it
+    may raise: the request's future gets the error); ``run(rows)`` is the model's batch function. Only the worker calls
+    either; ``lock`` serialises runs with those of other models that share the same cores."""
 
     def __init__(
         self,
         name: str,
+        tokenize: Callable[[list[str], bool], list[Row]],
         run: Callable[[list[Row]], list],
         limits: Limits,
         lock: threading.Lock | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.name = name
+        self._tokenize = tokenize
         self._run = run
         self.limits = limits
         self._lock = lock or threading.Lock()
         self.metrics = metrics
-        self._pending: list[_Item] = []  # sorted by (length, arrival)
-        self._fifo: deque[_Item] = deque()  # arrival order; taken items are skipped lazily
+        self._inbox: list[Ticket] = []  # submitted, not yet tokenised (shared with the event loop, under _cond)
+        self._pending: list[_Item] = []  # the worker's: queued rows sorted by (length, arrival)
+        self._fifo: deque[_Item] = deque()  # the same rows in arrival order; taken ones are skipped lazily
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._closing = False
@@ -99,23 +118,19 @@ class Scheduler:
         self._thread.start()
 
     def depth(self) -> int:
-        return len(self._pending)
+        with self._cond:
+            return len(self._pending) + sum(len(t.texts) for t in self._inbox)
 
-    def submit(self, rows: list[Row]) -> list[asyncio.Future]:
-        """Queue rows (from the event loop); one future per row, resolved with the row's output."""
+    def submit(self, texts: list[str], truncate: bool) -> asyncio.Future:
+        """Queue a request's texts (from the event loop); the future resolves with (rows, outputs)."""
         loop = asyncio.get_running_loop()
-        now = time.perf_counter()
-        futures = []
+        ticket = Ticket(texts, truncate, loop.create_future(), loop, time.perf_counter())
         with self._cond:
             if self._closing:
                 raise RuntimeError(f"scheduler {self.name} is closed")
-            for row in rows:
-                item = _Item(len(row), next(self._seq), row, loop.create_future(), loop, now)
-                bisect.insort(self._pending, item)
-                self._fifo.append(item)
-                futures.append(item.future)
+            self._inbox.append(ticket)
             self._cond.notify()
-        return futures
+        return ticket.future
 
     def close(self) -> None:
         """Run what is queued, then stop the worker (returns once it has)."""
@@ -124,73 +139,116 @@ class Scheduler:
             self._cond.notify()
         self._thread.join()
 
-    def _next_batch(self) -> list[_Item] | None:
-        with self._cond:
-            while True:
-                self._drop_cancelled()
-                if self._pending:
-                    if self._wait_for_more():
-                        continue
-                    break
-                if self._closing:
-                    return None
-                self._cond.wait()
-            while self._fifo[0].taken:
-                self._fifo.popleft()
-            lo, hi = pick_batch(self._pending, self._fifo[0], self.limits)
-            batch = self._pending[lo:hi]
-            del self._pending[lo:hi]
-            for item in batch:
-                item.taken = True
-            return batch
+    def _work(self) -> None:
+        while (arrived := self._arrivals()) is not None:
+            self._admit(arrived)
+            if self._pending and self._wait_left() > 0:
+                continue  # max_wait_ms: the batch may fill yet
+            if (batch := self._next_batch()) is not None:
+                self._run_batch(batch)
 
-    def _wait_for_more(self) -> bool:
-        """With max_wait_ms set, wait (holding no rows back longer than that) for a full batch. True if it waited."""
+    def _arrivals(self) -> list[Ticket] | None:
+        """The requests submitted since the last call, once there is something to do: a new request, or queued rows
+        ready to run. None once the scheduler is closed and nothing is left."""
+        with self._cond:
+            while not self._inbox:
+                if self._pending:
+                    left = self._wait_left()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                elif self._closing:
+                    return None
+                else:
+                    self._cond.wait()
+            arrived, self._inbox = self._inbox, []
+            return arrived
+
+    def _admit(self, tickets: list[Ticket]) -> None:
+        """Tokenise each request and queue its rows; a request that fails to tokenise gets the error, and no rows."""
+        for ticket in tickets:
+            if ticket.future.done():  # cancelled while it waited
+                self._count_dropped(len(ticket.texts))
+                continue
+            t0 = time.perf_counter()
+            try:
+                rows = self._tokenize(ticket.texts, ticket.truncate)
+            except Exception as e:  # TextTooLong and the like: the request's answer (a bug answers 500 there)
+                ticket.loop.call_soon_threadsafe(_fail, ticket.future, e)
+                continue
+            if self.metrics:
+                self.metrics.tokenize_seconds.labels(self.name).observe(time.perf_counter() - t0)
+            ticket.rows, ticket.outputs, ticket.left = rows, [None] * len(rows), len(rows)
+            for i, row in enumerate(rows):
+                item = _Item(len(row), next(self._seq), row, ticket, i)
+                bisect.insort(self._pending, item)
+                self._fifo.append(item)
+
+    def _next_batch(self) -> list[_Item] | None:
+        self._drop_cancelled()
+        if not self._pending:
+            return None
+        while self._fifo[0].taken:
+            self._fifo.popleft()
+        lo, hi = pick_batch(self._pending, self._fifo[0], self.limits)
+        batch = self._pending[lo:hi]
+        del self._pending[lo:hi]
+        for item in batch:
+            item.taken = True
+        return batch
+
+    def _wait_left(self) -> float:
+        """Seconds the queued rows may still wait for a fuller batch (max_wait_ms); 0 or less: run now."""
         wait = self.limits.max_wait_ms / 1000
         if not wait or self._closing or len(self._pending) >= self.limits.max_batch_rows:
-            return False
-        oldest = min(self._fifo[i].enqueued for i in range(len(self._fifo)) if not self._fifo[i].taken)
-        left = oldest + wait - time.perf_counter()
-        if left <= 0:
-            return False
-        self._cond.wait(left)
-        return True
+            return 0.0
+        oldest = min(item.ticket.enqueued for item in self._fifo if not item.taken)
+        return oldest + wait - time.perf_counter()
 
     def _drop_cancelled(self) -> None:
-        if any(item.future.cancelled() for item in self._pending):
-            kept = [item for item in self._pending if not item.future.cancelled()]
+        """Drop the rows of requests already answered: cancelled (client gone, timed out) or failed."""
+        if any(item.ticket.future.done() for item in self._pending):
+            kept = []
             for item in self._pending:
-                if item.future.cancelled():
+                if item.ticket.future.done():
                     item.taken = True
-                    self.dropped += 1
-                    if self.metrics:
-                        self.metrics.dropped.labels(self.name).inc()
+                    self._count_dropped(1)
+                else:
+                    kept.append(item)
             self._pending = kept
         while self._fifo and self._fifo[0].taken:
             self._fifo.popleft()
 
-    def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            start = time.perf_counter()
-            if self.metrics:
-                waited = self.metrics.queue_seconds.labels(self.name)
-                for item in batch:
-                    waited.observe(start - item.enqueued)
-            rows = [item.row for item in batch]
-            try:
-                with self._lock:
-                    t0 = time.perf_counter()
-                    outputs = self._run(rows)
-                    seconds = time.perf_counter() - t0
-            except Exception as e:  # a bug or a broken model: every row of the batch fails, the worker goes on
-                log.exception("model %s: a batch of %d rows failed", self.name, len(rows))
-                for item in batch:
-                    item.loop.call_soon_threadsafe(_fail, item.future, e)
-                continue
-            if self.metrics:
-                self.metrics.observe_run(self.name, seconds, len(rows), len(rows) * max(len(r) for r in rows))
-            for item, out in zip(batch, outputs, strict=True):
-                item.loop.call_soon_threadsafe(_resolve, item.future, out)
+    def _count_dropped(self, rows: int) -> None:
+        self.dropped += rows
+        if self.metrics:
+            self.metrics.dropped.labels(self.name).inc(rows)
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        if self.metrics:
+            waited = self.metrics.queue_seconds.labels(self.name)
+            for item in batch:
+                waited.observe(start - item.ticket.enqueued)
+        rows = [item.row for item in batch]
+        try:
+            with self._lock:
+                t0 = time.perf_counter()
+                outputs = self._run(rows)
+                seconds = time.perf_counter() - t0
+        except Exception as e:  # a bug or a broken model: every request of the batch fails, the worker goes on
+            log.exception("model %s: a batch of %d rows failed", self.name, len(rows))
+            for ticket in {id(item.ticket): item.ticket for item in batch}.values():
+                ticket.loop.call_soon_threadsafe(_fail, ticket.future, e)
+            return
+        if self.metrics:
+            self.metrics.observe_run(self.name, seconds, len(rows), len(rows) * max(len(r) for r in rows))
+        for item, out in zip(batch, outputs, strict=True):
+            ticket = item.ticket
+            ticket.outputs[item.index] = out
+            ticket.left -= 1
+            if ticket.left == 0:
+                ticket.loop.call_soon_threadsafe(_resolve, ticket.future, (ticket.rows, ticket.outputs))
 
 
 def _resolve(future: asyncio.Future, value) -> None:

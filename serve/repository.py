@@ -136,7 +136,7 @@ class Repository:
             entry.retire()
 
     def _install(self, name: str, model: Classifier) -> None:
-        scheduler = Scheduler(name, model.run, self.limits, self.lock, self.metrics)
+        scheduler = Scheduler(name, model.rows, model.run, self.limits, self.lock, self.metrics)
         self.metrics.queue_depth.labels(name).set_function(scheduler.depth)
         old = self.entries.get(name)
         self.entries[name] = Entry(name, model.export_dir, model, scheduler)

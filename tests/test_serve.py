@@ -481,16 +481,10 @@ def test_sigterm_drains_requests_in_flight(models):
 
 
 def test_pick_batch_groups_similar_lengths_within_the_limits():
-    import asyncio
-
     from serve.batching import Limits, _Item, pick_batch
     from serve.runtime import Row
 
-    loop = asyncio.new_event_loop()
-    items = sorted(
-        _Item(n, i, Row([0] * n, False), loop.create_future(), loop, 0.0) for i, n in enumerate([10, 60, 11, 12, 59, 9, 30])
-    )
-    loop.close()
+    items = sorted(_Item(n, i, Row([0] * n, False), None, 0) for i, n in enumerate([10, 60, 11, 12, 59, 9, 30]))
 
     def lengths(oldest_seq: int, **limits) -> list[int]:
         oldest = next(x for x in items if x.seq == oldest_seq)
@@ -505,6 +499,54 @@ def test_pick_batch_groups_similar_lengths_within_the_limits():
     assert lengths(0, max_batch_rows=2) == [10, 11] or lengths(0, max_batch_rows=2) == [9, 10]
     assert lengths(1, max_batch_tokens=100) == [60]  # two 60s would be 120 padded tokens
     assert lengths(0, max_batch_rows=1) == [10]
+
+
+def test_scheduler_tokenises_batches_and_drops_what_nobody_waits_for():
+    """The worker tokenises each request, runs rows of several requests together and a large request's rows in
+    several runs, answers a request that fails to tokenise with its error (its rows never run), and drops the rows of
+    a cancelled request."""
+    import asyncio
+    import threading
+
+    from serve.batching import Limits, Scheduler
+    from serve.runtime import Row, ServeError
+
+    ran: list[list[int]] = []
+
+    def tokenize(texts: list[str], truncate: bool) -> list[Row]:
+        if "bad" in texts:
+            raise ServeError("a bad text")
+        return [Row([len(t)] * len(t), False) for t in texts]
+
+    def run(rows: list[Row]) -> list[int]:
+        ran.append([r.ids[0] for r in rows])
+        return [r.ids[0] * 10 for r in rows]
+
+    async def main() -> None:
+        held = threading.Lock()
+        held.acquire()  # the first batch waits here until everything below is queued
+        sched = Scheduler("m", tokenize, run, Limits(max_batch_rows=4, max_padding=10.0), lock=held)
+        first = sched.submit(["aa"], True)
+        await asyncio.sleep(0.2)  # the worker holds the first batch at the lock
+        big = sched.submit(["b" * 3] * 6, True)
+        bad = sched.submit(["ok", "bad"], True)
+        gone = sched.submit(["c" * 5] * 2, True)
+        await asyncio.sleep(0.2)
+        gone.cancel()
+        held.release()
+        (rows, out) = await asyncio.wait_for(first, 10)
+        assert out == [20] and len(rows) == 1
+        _, out = await asyncio.wait_for(big, 10)
+        assert out == [30] * 6
+        with pytest.raises(ServeError, match="a bad text"):
+            await asyncio.wait_for(bad, 10)
+        sched.close()
+        assert sched.dropped == 2
+
+    asyncio.run(main())
+    assert ran[0] == [2]
+    assert sorted(sum(ran[1:], [])) == [3] * 6 and max(len(b) for b in ran) == 4  # 6 rows over two runs
+    assert 5 not in sum(ran, []) and all(2 not in b for b in ran[1:])
 
 
 def test_fuzzing_the_openapi_document_finds_no_5xx_and_no_response_off_schema(server, tmp_path):
