@@ -87,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # each model's worker tokenises between its runs; tokenizers' own thread pool would contend with onnxruntime's
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     options = ModelOptions(args.provider, args.precision, args.tf32, args.kernels, args.max_length, args.threads,
                            args.max_batch_rows, args.cuda_graphs, args.spin)  # fmt: skip

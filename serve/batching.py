@@ -165,24 +165,46 @@ class Scheduler:
             return arrived
 
     def _admit(self, tickets: list[Ticket]) -> None:
-        """Tokenise each request and queue its rows; a request that fails to tokenise gets the error, and no rows."""
+        """Tokenise the requests and queue their rows; a request that fails to tokenise gets the error, and no rows.
+
+        The texts of all the requests that arrived together are tokenised in one call (one per truncation setting):
+        per request, the calls cost several times the tokenising itself once the event loop is busy.
+        """
+        live = []
         for ticket in tickets:
             if ticket.future.done():  # cancelled while it waited
                 self._count_dropped(len(ticket.texts))
+            else:
+                live.append(ticket)
+        for truncate in (True, False):
+            group = [t for t in live if t.truncate == truncate]
+            if not group:
                 continue
             t0 = time.perf_counter()
             try:
-                rows = self._tokenize(ticket.texts, ticket.truncate)
-            except Exception as e:  # TextTooLong and the like: the request's answer (a bug answers 500 there)
-                ticket.loop.call_soon_threadsafe(_fail, ticket.future, e)
-                continue
+                rows = self._tokenize([text for t in group for text in t.texts], truncate) if len(group) > 1 else None
+            except Exception:  # one request's text is refused: tokenise each request alone to find whose
+                rows = None
+            if rows is None:
+                for ticket in group:
+                    try:
+                        self._queue(ticket, self._tokenize(ticket.texts, truncate))
+                    except Exception as e:  # TextTooLong and the like: the request's answer (a bug answers 500 there)
+                        ticket.loop.call_soon_threadsafe(_fail, ticket.future, e)
+            else:
+                start = 0
+                for ticket in group:
+                    self._queue(ticket, rows[start : start + len(ticket.texts)])
+                    start += len(ticket.texts)
             if self.metrics:
                 self.metrics.tokenize_seconds.labels(self.name).observe(time.perf_counter() - t0)
-            ticket.rows, ticket.outputs, ticket.left = rows, [None] * len(rows), len(rows)
-            for i, row in enumerate(rows):
-                item = _Item(len(row), next(self._seq), row, ticket, i)
-                bisect.insort(self._pending, item)
-                self._fifo.append(item)
+
+    def _queue(self, ticket: Ticket, rows: list[Row]) -> None:
+        ticket.rows, ticket.outputs, ticket.left = rows, [None] * len(rows), len(rows)
+        for i, row in enumerate(rows):
+            item = _Item(len(row), next(self._seq), row, ticket, i)
+            bisect.insort(self._pending, item)
+            self._fifo.append(item)
 
     def _next_batch(self) -> list[_Item] | None:
         self._drop_cancelled()

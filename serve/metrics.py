@@ -25,7 +25,11 @@ class Metrics:
             buckets=TIME_BUCKETS, registry=r,
         )  # fmt: skip
         self.tokenize_seconds = Histogram(
-            "edgetune_tokenize_duration_seconds", "Time tokenising a request's texts", ["model"], buckets=TIME_BUCKETS, registry=r
+            "edgetune_tokenize_duration_seconds",
+            "Time tokenising the requests that arrived together (one call)",
+            ["model"],
+            buckets=TIME_BUCKETS,
+            registry=r,
         )
         self.queue_seconds = Histogram(
             "edgetune_queue_duration_seconds",
