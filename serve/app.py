@@ -28,7 +28,7 @@ from serve import protocol
 from serve.errors import ApiError
 from serve.metrics import Metrics
 from serve.openapi import openapi
-from serve.repository import Entry, Repository
+from serve.repository import Entry, Repository, overload_error
 from serve.runtime import ServeError
 
 log = logging.getLogger("edgetune.serve")
@@ -211,6 +211,7 @@ class FrontDoor:
         self.app = app
         self.state = state
         self.endpoints = endpoints  # route -> endpoint, for the inference routes
+        self._refusals: dict[tuple[str, int, str], tuple] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and (hit := self._match(scope["path"])) is not None:
@@ -258,11 +259,28 @@ class FrontDoor:
 
     async def _refuse(self, scope, receive, send, entry: Entry, route: str) -> None:
         t0 = time.perf_counter()
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        await error_response(self.state.repo.overloaded(entry), given or next_id())(scope, receive, send)
-        m = self.state.metrics
-        m.requests.labels(entry.name, route, "429").inc()
-        m.request_seconds.labels(entry.name, route).observe(time.perf_counter() - t0)
+        status, body, headers, counters = self._refusal(entry, route)
+        request_id = dict(scope["headers"]).get(b"x-request-id") or next_id().encode("ascii")
+        await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"x-request-id", request_id)]})
+        await send({"type": "http.response.body", "body": body})
+        refused, requests, seconds = counters
+        refused.inc()
+        requests.inc()
+        seconds.observe(time.perf_counter() - t0)
+
+    def _refusal(self, entry: Entry, route: str):
+        """The 429's status, body and headers as the routes' error response renders them, and its metric series,
+        built once per (model, requests in flight, route): under overload the same refusal is sent thousands of times
+        a second."""
+        key = (entry.name, entry.in_flight, route)
+        if (hit := self._refusals.get(key)) is None:
+            e = overload_error(entry)
+            rendered = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            m = self.state.metrics
+            counters = (m.overloaded.labels(entry.name), m.requests.labels(entry.name, route, "429"),
+                        m.request_seconds.labels(entry.name, route))  # fmt: skip
+            hit = self._refusals[key] = (e.status, rendered.body, rendered.raw_headers, counters)
+        return hit
 
 
 # routes

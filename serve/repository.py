@@ -171,11 +171,7 @@ class Repository:
     def overloaded(self, entry: Entry) -> ApiError:
         """The 429 for a model at its limit (counted)."""
         self.metrics.overloaded.labels(entry.name).inc()
-        return ApiError(
-            "overloaded",
-            f"model {entry.name!r} is overloaded: {entry.in_flight} requests in flight",
-            headers={"Retry-After": "1"},
-        )
+        return overload_error(entry)
 
     def acquire(self, entry: Entry, max_in_flight: int) -> None:
         if entry.in_flight >= max_in_flight:
@@ -216,3 +212,10 @@ def load_model(export_dir: str | Path, **kw) -> Classifier:
     if task == "token-classification":
         return Tagger(export_dir, **kw)
     return Classifier(export_dir, **kw)
+
+
+def overload_error(entry: Entry) -> ApiError:
+    """The 429 for a model at its limit (not counted)."""
+    return ApiError(
+        "overloaded", f"model {entry.name!r} is overloaded: {entry.in_flight} requests in flight", headers={"Retry-After": "1"}
+    )
