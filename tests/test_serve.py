@@ -502,9 +502,9 @@ def test_pick_batch_groups_similar_lengths_within_the_limits():
 
 
 def test_scheduler_tokenises_batches_and_drops_what_nobody_waits_for():
-    """The worker tokenises each request, runs rows of several requests together and a large request's rows in
-    several runs, answers a request that fails to tokenise with its error (its rows never run), and drops the rows of
-    a cancelled request."""
+    """The worker tokenises the requests that arrived together, runs rows of several requests together and a large
+    request's rows in several runs, answers a request that fails to tokenise with its error (its rows never run, and
+    the requests that arrived with it are still answered), and drops the rows of a cancelled request."""
     import asyncio
     import threading
 
