@@ -27,6 +27,20 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
 
+def lora_targets(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Dotted path -> every ``nn.Linear`` whose last name component is in ``targets``.
+
+    Raises:
+        ConfigError: a target names no Linear module of the model.
+    """
+    found = {path: m for path, m in model.named_modules() if path.rsplit(".", 1)[-1] in targets and isinstance(m, nn.Linear)}
+    missing = [t for t in targets if t not in {p.rsplit(".", 1)[-1] for p in found}]
+    if missing:
+        linears = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"lora_target_modules {missing} match no Linear layer (the model has: {', '.join(linears)})")
+    return found
+
+
 def inject_lora(model: nn.Module, targets: tuple[str, ...], r: int, alpha: float, dropout: float) -> list[str]:
     """Replace every ``nn.Linear`` whose last name component is in ``targets`` with a LoRALinear.
 
@@ -35,16 +49,13 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], r: int, alpha: float
     Raises:
         ConfigError: a target names no Linear module of the model.
     """
-    wrapped, seen = [], set()
-    for path, module in list(model.named_modules()):
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf in targets and isinstance(module, nn.Linear):
-            parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
-            setattr(parent, leaf, LoRALinear(module, r, alpha, dropout))
-            wrapped.append(path)
-            seen.add(leaf)
-    missing = [t for t in targets if t not in seen]
-    if missing:
-        linears = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(f"lora_target_modules {missing} match no Linear layer (the model has: {', '.join(linears)})")
-    return wrapped
+    found = lora_targets(model, targets)
+    for path, module in found.items():
+        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+        setattr(parent, path.rsplit(".", 1)[-1], LoRALinear(module, r, alpha, dropout))
+    return list(found)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Dotted path -> LoRALinear."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
