@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 
 from adapters.errors import ConfigError, EdgetuneError
+from adapters.methods import METHODS, method_of
 
-METHODS = ("p_tuning_v2", "lora", "prompt_tuning", "p_tuning", "full", "head")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 TASKS = ("classification", "tagging")
 HEADS = ("linear", "crf")
@@ -109,8 +109,11 @@ class RunConfig:
             raise ConfigError(f"class_weights={self.class_weights!r} must be none or balanced")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if (self.freeze_embeddings or self.freeze_layers) and self.method != "full":
-            raise ConfigError("freeze_embeddings / freeze_layers apply to method=full only (other methods freeze the whole base)")
+        if (self.freeze_embeddings or self.freeze_layers) and not method_of(self.method).PARTIAL_FREEZE:
+            which = "/".join(name for name, m in METHODS.items() if m.PARTIAL_FREEZE)
+            raise ConfigError(
+                f"freeze_embeddings / freeze_layers apply to method={which} only (other methods freeze the whole base)"
+            )
         if self.freeze_layers < 0:
             raise ConfigError(f"freeze_layers={self.freeze_layers} must be 0 or more")
         if self.bf16 not in ("auto", "true", "false"):

@@ -1,11 +1,10 @@
-"""Pure functions that turn an adapter into plain weights: merge LoRA, freeze a prefix."""
+"""Pure functions that turn an adapter into plain weights: merge LoRA."""
 
 from __future__ import annotations
 
 import torch
 
 from adapters.errors import AdapterError
-from adapters.prefix import split_prefix_table
 
 LORA_PREFIX = "base_model.model."
 
@@ -39,16 +38,3 @@ def merge_lora(
             raise AdapterError(f"merging LoRA into {weight} gives NaN/inf: the adapter is corrupt")
         out[weight] = merged.to(w.dtype)
     return out
-
-
-def freeze_prefix(table: torch.Tensor, num_layers: int, num_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer constant prefix (keys, values), each (1, N, P, D), from PEFT's table (P, 2*L*H).
-
-    Raises:
-        AdapterError: the table does not fit the model, or holds NaN/inf.
-    """
-    if table.dim() != 2 or table.shape[1] % (2 * num_layers * num_heads):
-        raise AdapterError(f"prefix table of shape {tuple(table.shape)} does not fit {num_layers} layers x {num_heads} heads")
-    if not torch.isfinite(table).all():
-        raise AdapterError("prefix table holds NaN/inf: the adapter is corrupt")
-    return [(k.detach().clone(), v.detach().clone()) for k, v in split_prefix_table(table.float(), num_layers, num_heads)]

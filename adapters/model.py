@@ -11,11 +11,8 @@ from torch import nn
 from adapters.config import RunConfig
 from adapters.crf import CRF
 from adapters.errors import ConfigError
-from adapters.lora import LoRALinear, inject_lora
-from adapters.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, register_attention
-from adapters.prompt import PromptEmbedding, PromptEncoder
-
-VIRTUAL_TOKEN_METHODS = ("p_tuning_v2", "prompt_tuning", "p_tuning")
+from adapters.methods import method_of
+from adapters.prefix import ATTN_SDPA, PrefixModel, register_attention
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,71 +55,30 @@ def load_base(path: Path, label_names: list[str], attn: str = ATTN_SDPA, task: s
 
 
 def build_model(cfg: RunConfig, label_names: list[str], seed: int) -> PrefixModel:
-    """The model to train: a trainable classifier plus, by method, a prefix or LoRA on a frozen base (p_tuning_v2,
-    lora), the whole base less any frozen embeddings / bottom layers (full), or nothing more (head).
+    """The model to train: a trainable classifier on a frozen base plus what the method trains (a prefix, a prompt
+    encoder, LoRA pairs, the base's own weights, or nothing more: adapters/methods/).
 
     Raises:
         ConfigError: a choice that does not fit the model (prefix too long, LoRA target or frozen layers missing).
     """
+    method = method_of(cfg.method)
     torch.manual_seed(seed)
     base = load_base(base_model_path(cfg.base_model), label_names, task=cfg.task)
     for p in base.parameters():
         p.requires_grad_(False)
     c = base.config
-    prefix = None
-    prompt = None
-    if cfg.method in VIRTUAL_TOKEN_METHODS and cfg.max_length + cfg.num_virtual_tokens > c.max_position_embeddings:
+    if method.VIRTUAL_TOKENS and cfg.max_length + cfg.num_virtual_tokens > c.max_position_embeddings:
         raise ConfigError(
             f"max_length ({cfg.max_length}) + num_virtual_tokens ({cfg.num_virtual_tokens}) exceeds the "
             f"model's {c.max_position_embeddings} positions"
         )
-    if cfg.method == "p_tuning_v2":
-        hidden = cfg.encoder_hidden_size or c.hidden_size
-        prefix = PrefixEncoder(
-            cfg.num_virtual_tokens,
-            c.num_hidden_layers,
-            c.num_attention_heads,
-            c.hidden_size,
-            hidden if cfg.prefix_projection else 0,
-        )
-    elif cfg.method == "prompt_tuning":
-        prompt = PromptEmbedding(base.base_model.embeddings.word_embeddings, cfg.num_virtual_tokens, _prompt_init_ids(cfg, c))
-    elif cfg.method == "p_tuning":
-        prompt = PromptEncoder(
-            cfg.num_virtual_tokens, c.hidden_size, cfg.encoder_hidden_size or c.hidden_size, cfg.prompt_encoder
-        )
-    elif cfg.method == "lora":
-        inject_lora(base, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-    elif cfg.method == "full":
-        encoder = base.base_model
-        if cfg.freeze_layers > c.num_hidden_layers:
-            raise ConfigError(f"freeze_layers={cfg.freeze_layers} but the model has {c.num_hidden_layers} layers")
-        frozen = [encoder.embeddings] if cfg.freeze_embeddings else []
-        frozen += list(encoder.encoder.layer[: cfg.freeze_layers])
-        for p in base.parameters():
-            p.requires_grad_(True)
-        for module in frozen:
-            for p in module.parameters():
-                p.requires_grad_(False)
+    parts = method.build(base, cfg)
     for p in base.classifier.parameters():
         p.requires_grad_(True)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     crf = CRF(len(label_names)) if cfg.head == "crf" else None
-    return PrefixModel(base, prefix, c.num_attention_heads, prompt, crf, prefix_kernel=cfg.prefix_kernel)
-
-
-def _prompt_init_ids(cfg: RunConfig, config) -> torch.Tensor | None:
-    """Token ids whose embeddings start a prompt-tuning prompt (PEFT's SAMPLE_VOCAB / TEXT), or None for random."""
-    if cfg.prompt_init == "random":
-        return None
-    if cfg.prompt_init == "vocab":
-        return torch.randint(0, config.vocab_size, (cfg.num_virtual_tokens,))
-    from transformers import AutoTokenizer
-
-    ids = AutoTokenizer.from_pretrained(base_model_path(cfg.base_model))(cfg.prompt_init_text)["input_ids"]
-    ids = (ids * (cfg.num_virtual_tokens // len(ids) + 1))[: cfg.num_virtual_tokens]  # repeat or trim to P, as PEFT
-    return torch.tensor(ids)
+    return PrefixModel(base, parts.prefix, c.num_attention_heads, parts.prompt, crf, prefix_kernel=cfg.prefix_kernel)
 
 
 def head_parameters(model: PrefixModel) -> list[nn.Parameter]:
@@ -134,8 +90,3 @@ def head_parameters(model: PrefixModel) -> list[nn.Parameter]:
 def adapter_parameters(model: PrefixModel) -> list[nn.Parameter]:
     head = {id(p) for p in head_parameters(model)}
     return [p for p in model.parameters() if p.requires_grad and id(p) not in head]
-
-
-def lora_modules(model: PrefixModel) -> dict[str, LoRALinear]:
-    """Dotted path (in the base model) -> LoRALinear."""
-    return {path: m for path, m in model.base.named_modules() if isinstance(m, LoRALinear)}

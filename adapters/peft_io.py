@@ -24,19 +24,20 @@ from safetensors.torch import load_file, save_file
 
 from adapters.config import RunConfig
 from adapters.errors import AdapterError
-from adapters.model import lora_modules
+from adapters.methods import METHODS, method_of
+from adapters.methods.common import head_state
 
 CONFIG, WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
 CHECKPOINT, CHECKPOINT_META, CRF_WEIGHTS = "model.safetensors", "edgetune.json", "crf.safetensors"
 TASK_TYPES = {"SEQ_CLS": "classification", "TOKEN_CLS": "tagging"}
-CHECKPOINT_METHODS = ("full", "head")
-PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "p_tuning_v2", "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning"}
+CHECKPOINT_METHODS = tuple(name for name, m in METHODS.items() if m.CHECKPOINT)
+PEFT_TYPES = dict(sorted((m.PEFT_TYPE, name) for name, m in METHODS.items() if m.PEFT_TYPE))  # peft_type -> method
 PEFT_VERSION = "0.21.2"
 
 
 @dataclass(frozen=True)
 class Adapter:
-    method: str  # p_tuning_v2 | lora
+    method: str  # a name in adapters.methods.METHODS
     config: dict  # adapter_config.json as read
     tensors: dict[str, torch.Tensor]
     label_names: list[str]
@@ -47,7 +48,6 @@ class Adapter:
 
 def peft_config(cfg: RunConfig, model, base_path: str) -> dict:
     """The adapter_config.json PEFT expects for this run."""
-    c = model.base.config
     common = {
         "base_model_name_or_path": base_path,
         "task_type": {v: k for k, v in TASK_TYPES.items()}[cfg.task],
@@ -55,67 +55,12 @@ def peft_config(cfg: RunConfig, model, base_path: str) -> dict:
         "peft_version": PEFT_VERSION,
         "revision": None,
     }
-    if cfg.method == "lora":
-        return {
-            **common,
-            "peft_type": "LORA",
-            "r": cfg.lora_r,
-            "lora_alpha": cfg.lora_alpha,
-            "lora_dropout": cfg.lora_dropout,
-            "target_modules": list(cfg.lora_target_modules),
-            "modules_to_save": ["classifier", "score"],
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "use_rslora": False,
-            "use_dora": False,
-            "init_lora_weights": True,
-        }
-    prompt_common = {
-        **common,
-        "num_virtual_tokens": cfg.num_virtual_tokens,
-        "token_dim": c.hidden_size,
-        "num_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_transformer_submodules": 1,
-        "modules_to_save": ["classifier", "score"],
-    }
-    if cfg.method == "prompt_tuning":
-        init = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "TEXT"}[cfg.prompt_init]
-        return {**prompt_common, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": init,
-                "prompt_tuning_init_text": cfg.prompt_init_text or None, "tokenizer_name_or_path": base_path}  # fmt: skip
-    if cfg.method == "p_tuning":
-        return {**prompt_common, "peft_type": "P_TUNING", "encoder_reparameterization_type": cfg.prompt_encoder.upper(),
-                "encoder_hidden_size": cfg.encoder_hidden_size or c.hidden_size, "encoder_num_layers": 2,
-                "encoder_dropout": 0.0}  # fmt: skip
-    return {
-        **common,
-        "peft_type": "PREFIX_TUNING",
-        "num_virtual_tokens": cfg.num_virtual_tokens,
-        "token_dim": c.hidden_size,
-        "num_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_transformer_submodules": 1,
-        "prefix_projection": cfg.prefix_projection,
-        "encoder_hidden_size": cfg.encoder_hidden_size or c.hidden_size,
-        "modules_to_save": ["classifier", "score"],
-    }
+    return {**common, **method_of(cfg.method).peft_config(cfg, model.base.config, base_path)}
 
 
 def adapter_tensors(model, method: str) -> dict[str, torch.Tensor]:
     """The trained tensors under PEFT's names (prefix tables folded, as PEFT saves them)."""
-    out = {}
-    head_prefix = "base_model.model.classifier" if method == "lora" else "base_model.classifier"
-    for name, t in model.base.classifier.state_dict().items():
-        out[f"{head_prefix}.{name}"] = t
-    if method == "lora":
-        for path, m in lora_modules(model).items():
-            out[f"base_model.model.{path}.lora_A.weight"] = m.lora_A.weight
-            out[f"base_model.model.{path}.lora_B.weight"] = m.lora_B.weight
-    elif method == "p_tuning_v2":
-        out["prompt_embeddings"] = model.prefix.table()
-    else:  # prompt tuning, P-tuning: the encoder's output, folded
-        out["prompt_embeddings"] = model.prompt.table()
-    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+    return {k: v.detach().float().contiguous().cpu() for k, v in method_of(method).to_peft(model).items()}
 
 
 def save_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], label_names: list[str]) -> None:
@@ -212,8 +157,9 @@ def load_adapter(folder: Path) -> Adapter:
     task = TASK_TYPES.get(config.get("task_type"))
     if task is None:
         raise AdapterError(f"adapter task_type {config.get('task_type')!r} is not supported here ({', '.join(TASK_TYPES)})")
-    if method != "lora" and "prompt_embeddings" not in tensors:
-        raise AdapterError(f"{folder / WEIGHTS} has no prompt_embeddings tensor")
+    for name in method_of(method).REQUIRED_TENSORS:
+        if name not in tensors:
+            raise AdapterError(f"{folder / WEIGHTS} has no {name} tensor")
     for k, t in tensors.items():
         if not torch.isfinite(t).all():
             raise AdapterError(f"adapter tensor {k} holds NaN or inf")
@@ -229,13 +175,3 @@ def load_adapter(folder: Path) -> Adapter:
         raise AdapterError(f"{labels_path} names {len(label_names)} labels, the classifier has {head['weight'].shape[0]}")
     crf = _load_crf(folder, len(label_names))
     return Adapter(method, config, tensors, label_names, file_sha256(folder / WEIGHTS), task, crf)
-
-
-def head_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The classifier's state dict from PEFT tensor names (both the LoRA and the prompt-learning spelling)."""
-    out = {}
-    for prefix in ("base_model.model.classifier.", "base_model.classifier."):
-        for k, v in tensors.items():
-            if k.startswith(prefix):
-                out[k[len(prefix) :]] = v
-    return out

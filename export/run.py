@@ -3,10 +3,10 @@ manifest, triton/), each graph through its gate. ``python -m export`` is the com
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,12 @@ from transformers import AutoTokenizer
 
 from adapters.config import load_config, run_config
 from adapters.crf import decode_tags
-from adapters.eager import attach_adapter, crf_module, load_adapter_model
+from adapters.eager import bare_model, load_model, model_folder, reference_model
 from adapters.errors import EdgetuneError, ParityError
-from adapters.fold import merge_lora
-from adapters.model import VIRTUAL_TOKEN_METHODS, base_model_path, load_base
-from adapters.peft_io import CHECKPOINT_METHODS, head_state, load_adapter
+from adapters.methods import freeze, method_of
+from adapters.methods.common import Frozen
+from adapters.model import base_model_path
+from adapters.peft_io import load_adapter
 from adapters.prefix import PrefixModel
 from export.attention import fuse_prefix_attention
 from export.fp16 import FILE, convert_fp16, gate_classifier, gate_tagger, open_fp16
@@ -36,52 +37,26 @@ from train.staging import staging_dir
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
-def reference_models(adapter_dir: Path, adapter, base_path: Path):
-    """The eager adapter model as trained (SDPA attention, adapter unmerged), and the bare base with the same head."""
+def graph_module(eager: PrefixModel, model: torch.nn.Module, frozen: Frozen, task: str, decode: bool = True) -> torch.nn.Module:
+    """The module to trace: built from the adapter's frozen form, a tagger wrapped in TaggerGraph with the eager
+    model's CRF (its Viterbi decode in the graph unless ``decode`` is off).
 
-    eager = load_adapter_model(adapter_dir, str(base_path))
-    if adapter.method in CHECKPOINT_METHODS:  # the pretrained encoder under the fine-tuned classifier
-        base = load_base(base_path, adapter.label_names, task=adapter.task)
-        base.classifier.load_state_dict(eager.base.classifier.state_dict())
-        bare = PrefixModel(base, None, eager.num_heads).eval()
-    elif adapter.method == "lora":
-        bare = attach_adapter(load_base(base_path, adapter.label_names, task=adapter.task), _zero_lora(adapter), eager.num_heads)
-    else:
-        bare = PrefixModel(eager.base, None, eager.num_heads).eval()
-    return eager, bare
-
-
-def graph_module(
-    adapter_dir: Path, adapter, base_path: Path, config, decode: bool = True
-) -> tuple[torch.nn.Module, dict[str, int]]:
-    """The module to trace and the fused ops its optimised graph must contain (a tagger wrapped in TaggerGraph, with
-    the CRF's Viterbi decode in the graph unless ``decode`` is off).
-
-    Full / head-only: the fine-tuned model folder itself. LoRA: merged into the base weights. Both as plain BERT with
-    transformers' eager attention (what onnxruntime fuses into Attention). Prefix: frozen per-layer prefix, exported as one Attention per layer with the prefix as its past.
+    A prefix: a copy of the eager model with each layer's attention one fused Attention node, the frozen prefix as its
+    past (export/attention.py). Otherwise a copy of ``model`` (the loaded base model, or the fine-tuned model of a full
+    / head-only run) as plain BERT with transformers' eager attention (what onnxruntime fuses into Attention), the
+    frozen weights (LoRA merged) and classifier loaded, and a frozen prompt before the word embeddings.
     """
 
-    layers = config.num_hidden_layers
-    plain_graph = {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1}
-    task = adapter.task
-    if adapter.method in CHECKPOINT_METHODS:
-        module, expected = LogitsOnly(load_base(adapter_dir, adapter.label_names, "eager", task)).eval(), plain_graph
-    elif adapter.method in ("prompt_tuning", "p_tuning"):
-        plain = load_base(base_path, adapter.label_names, "eager", task)
-        plain.classifier.load_state_dict(head_state(adapter.tensors))
-        module, expected = PromptLogits(plain, adapter.tensors["prompt_embeddings"]).eval(), plain_graph
-    elif adapter.method == "lora":
-        plain = load_base(base_path, adapter.label_names, "eager", task)
-        state = merge_lora(plain.state_dict(), adapter.tensors, int(adapter.config["r"]), float(adapter.config["lora_alpha"]))
-        state.update({f"classifier.{k}": v for k, v in head_state(adapter.tensors).items()})
-        plain.load_state_dict(state)
-        module, expected = LogitsOnly(plain).eval(), plain_graph
+    if frozen.prefix is not None:
+        module = fuse_prefix_attention(copy.deepcopy(eager))
     else:
-        module = fuse_prefix_attention(load_adapter_model(adapter_dir, str(base_path)))
-        expected = {"Attention": layers, "SkipLayerNormalization": 2 * layers - 1, "BiasGelu": layers}
+        plain = copy.deepcopy(model)
+        plain.set_attn_implementation("eager")
+        plain.load_state_dict({**plain.state_dict(), **frozen.state, **{f"classifier.{k}": v for k, v in frozen.head.items()}})
+        module = (LogitsOnly(plain) if frozen.prompt is None else PromptLogits(plain, frozen.prompt)).eval()
     if task == "tagging":
-        module = TaggerGraph(module, crf_module(adapter), decode).eval()
-    return module, expected
+        module = TaggerGraph(module, copy.deepcopy(eager.crf), decode).eval()
+    return module
 
 
 def int8_graph(tmp: Path, session, tok, run, label_names: list[str], max_length: int, max_drop: float):
@@ -165,10 +140,15 @@ def export_run(
     if named and not base_model and not Path(named).is_dir():
         raise EdgetuneError(f"the adapter's base model {named!r} is not a folder here (offline): pass --base-model DIR")
     base_path = base_model_path(named)
-    eager, bare = reference_models(adapter_dir, adapter, base_path)
-    virtual = int(adapter.config.get("num_virtual_tokens", 0)) if adapter.method in VIRTUAL_TOKEN_METHODS else 0
+    method = method_of(adapter.method)
+    model = load_model(model_folder(adapter_dir, adapter, str(base_path)), adapter)  # the base, or the fine-tuned model
+    frozen = freeze(adapter, model)
+    eager = reference_model(copy.deepcopy(model), adapter, frozen)
+    bare = bare_model(load_model(base_path, adapter) if method.CHECKPOINT else model, frozen)
+    virtual = int(adapter.config.get("num_virtual_tokens", 0)) if method.VIRTUAL_TOKENS else 0
     c = eager.base.config
-    module, expected = graph_module(adapter_dir, adapter, base_path, c, decode)
+    module = graph_module(eager, model, frozen, adapter.task, decode)
+    expected = method.fused_ops(c)
     tagging = adapter.task == "tagging"
 
     with staging_dir(run_dir, ".export.") as tmp:
@@ -180,18 +160,13 @@ def export_run(
         if tagging:  # every dev sentence: emissions and decoded paths
             sentences = list(dev_split(cfg).tokens)
             parity = check_tagging_parity(
-                session, eager, bare, tok, sentences, max_length, tolerance, require_effect=adapter.method != "head"
+                session, eager, bare, tok, sentences, max_length, tolerance, require_effect=method.CHANGES_OUTPUT
             )
         else:
             texts = parity_texts(cfg)
-            # head-only training leaves the encoder as it was: nothing beyond the classifier for the effect check to see
-            parity = check_parity(
-                session, eager, bare, tok, texts, max_length, tolerance, require_effect=adapter.method != "head"
-            )
+            parity = check_parity(session, eager, bare, tok, texts, max_length, tolerance, require_effect=method.CHANGES_OUTPUT)
         prefix_op = None
-        if (
-            adapter.method == "p_tuning_v2" and not tagging
-        ):  # the same graph with the edgetune.PrefixAttention op (kernels/ort/), same gate
+        if frozen.prefix is not None and not tagging:  # the same graph with the edgetune.PrefixAttention op (kernels/ort/)
             prefix_op = export_prefix_op(tmp, lambda s: check_parity(s, eager, bare, tok, texts, max_length, tolerance))
         use_int8 = int8 and not tagging
         gate = int8_graph(tmp, session, tok, cfg, adapter.label_names, max_length, int8_max_drop) if use_int8 else None
@@ -243,10 +218,3 @@ def export_run(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         replace_folder(tmp, run_dir / "export")
     return manifest
-
-
-def _zero_lora(adapter):
-    """The same adapter with every LoRA B set to zero: the bare base model with the trained head."""
-
-    tensors = {k: (torch.zeros_like(v) if k.endswith("lora_B.weight") else v) for k, v in adapter.tensors.items()}
-    return replace(adapter, tensors=tensors)

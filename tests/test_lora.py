@@ -1,5 +1,6 @@
 """LoRA merge: a pure state-dict function, equal to the unmerged model and to PEFT's merge_and_unload."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -22,17 +23,20 @@ def lora_adapter(tmp_path, tiny_bert):
 
 
 def _merged_model(adapter_dir, base_dir, alpha_factor: float = 1.0):
-    """The merged model the export traces (export.__main__.graph_module, which calls merge_lora with the adapter's own
-    r and lora_alpha): a plain BERT classifier. ``alpha_factor`` scales the adapter's lora_alpha first."""
-    from transformers import AutoConfig
-
+    """The merged model the export traces (export.run.graph_module on the adapter's frozen form, which merge_lora
+    builds with the adapter's own r and lora_alpha): a plain BERT classifier. ``alpha_factor`` scales the adapter's
+    lora_alpha first."""
+    from adapters.methods import freeze, method_of
     from export.run import graph_module
 
     adapter = load_adapter(adapter_dir)
     if alpha_factor != 1.0:
         config = {**adapter.config, "lora_alpha": adapter.config["lora_alpha"] * alpha_factor}
         adapter = dataclasses.replace(adapter, config=config)
-    module, _ = graph_module(adapter_dir, adapter, base_dir, AutoConfig.from_pretrained(base_dir))
+    base = load_base(base_dir, adapter.label_names)
+    frozen = freeze(adapter, base)
+    eager = method_of("lora").reference(copy.deepcopy(base), adapter, frozen)
+    module = graph_module(eager, base, frozen, adapter.task)
     return module.model.eval()  # LogitsOnly around the merged model
 
 

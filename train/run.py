@@ -12,8 +12,9 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters.config import load_config, save_config
+from adapters.methods import method_of
 from adapters.model import base_model_path, build_model
-from adapters.peft_io import CHECKPOINT_METHODS, adapter_tensors, peft_config, save_adapter, save_checkpoint, save_crf
+from adapters.peft_io import adapter_tensors, peft_config, save_adapter, save_checkpoint, save_crf
 from train import dist
 from train.data import encode, load_dataset
 from train.loop import evaluate, pick_device, train, use_bf16
@@ -82,7 +83,7 @@ def run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> dict:
         return metrics
     # Everything goes to a staging folder first, renamed into place when complete.
     with staging_dir(run_dir.parent, f".{run_dir.name}.") as tmp:
-        if cfg.method in CHECKPOINT_METHODS:  # no PEFT format for these: a full model folder
+        if method_of(cfg.method).CHECKPOINT:  # no PEFT format for these: a full model folder
             save_checkpoint(tmp / "adapter", model, cfg.method, str(base_path), data.label_names, cfg.task)
         else:
             tensors = adapter_tensors(model, cfg.method)
