@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from adapters.errors import ExportError
@@ -126,20 +127,6 @@ def prefix_attention_function() -> onnx.FunctionProto:
     )
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in graph.node for out in node.output}
-
-
-def _prefix_of(graph: onnx.GraphProto, past: str, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
-    """The constant (2, 1, N, P, D) prefix behind an Attention node's ``past`` input (an initializer, or Expand of one)."""
-    if past in inits:
-        return numpy_helper.to_array(inits[past])
-    node = _producers(graph).get(past)
-    if node is not None and node.op_type == "Expand" and node.input[0] in inits:
-        return numpy_helper.to_array(inits[node.input[0]])
-    raise ExportError(f"the prefix (past) of an Attention node is not a constant ({past}): cannot build {FILE}")
-
-
 def _prune(graph: onnx.GraphProto) -> None:
     """Drop nodes whose outputs nothing reads, then initializers no node reads."""
     while True:
@@ -154,14 +141,16 @@ def _prune(graph: onnx.GraphProto) -> None:
         graph.initializer.remove(init)
 
 
-def build_prefix_op_graph(fused: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite the fused prefix graph (model.onnx of a p_tuning_v2 run) into the PrefixAttention graph.
+def build_prefix_op_graph(fused: onnx.ModelProto, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> onnx.ModelProto:
+    """Rewrite the fused prefix graph (model.onnx of a prefix run) into the PrefixAttention graph, with ``prefix``
+    (the adapter's frozen per-layer keys and values, each (1, N, P, D), that the fused graph was traced with).
 
-    Each ``com.microsoft.Attention`` with a ``past`` becomes MatMul(hidden, W_qkv) + bias -> Split -> PrefixAttention
-    (q, k, v, prefix keys, prefix values, lengths); ``lengths`` = int32 ReduceSum(attention_mask) is computed once.
+    The k-th ``com.microsoft.Attention`` with a ``past`` (nodes are in topological order, so layer k's) becomes
+    MatMul(hidden, W_qkv) + bias -> Split -> PrefixAttention (q, k, v, layer k's prefix keys and values, lengths), the
+    past left unread; ``lengths`` = int32 ReduceSum(attention_mask) is computed once.
 
     Raises:
-        ExportError: the graph has no Attention node with a constant prefix, or one without a prefix.
+        ExportError: the graph's Attention nodes with a prefix are not one per layer of ``prefix``, or one has none.
     """
     model = onnx.ModelProto()
     model.CopyFrom(fused)
@@ -178,17 +167,19 @@ def build_prefix_op_graph(fused: onnx.ModelProto) -> onnx.ModelProto:
         if not (node.op_type == "Attention" and node.domain == "com.microsoft" and len(node.input) > 4 and node.input[4]):
             nodes.append(node)
             continue
-        hidden, weight, bias, _mask, past = node.input[:5]
-        prefix = _prefix_of(graph, past, inits)  # (2, 1, N, P, D)
+        hidden, weight, bias = node.input[:3]
+        if count >= len(prefix):
+            raise ExportError(f"{FILE}: the graph has more Attention nodes with a prefix than the {len(prefix)} layers")
+        key, value = (t.detach().float().cpu().numpy() for t in prefix[count])  # (1, N, P, D) each
         heads = next(a.i for a in node.attribute if a.name == "num_heads")
-        _, _, n_heads, _, d = prefix.shape
+        _, n_heads, _, d = key.shape
         if n_heads != heads or weight not in inits or bias not in inits:
             raise ExportError(f"Attention node {node.name} does not have the expected packed weights and prefix")
         h = heads * d
         scale = next((a.f for a in node.attribute if a.name == "scale"), 0.0) or d**-0.5
         tag = f"prefix_op.{count}"
-        pk = numpy_helper.from_array(np.ascontiguousarray(prefix[0]), f"{tag}.prefix_key")  # (1, N, P, D)
-        pv = numpy_helper.from_array(np.ascontiguousarray(prefix[1]), f"{tag}.prefix_value")
+        pk = numpy_helper.from_array(np.ascontiguousarray(key), f"{tag}.prefix_key")  # (1, N, P, D)
+        pv = numpy_helper.from_array(np.ascontiguousarray(value), f"{tag}.prefix_value")
         split = numpy_helper.from_array(np.asarray([h, h, h], np.int64), f"{tag}.split")
         graph.initializer.extend([pk, pv, split])
         nodes += [
@@ -208,8 +199,8 @@ def build_prefix_op_graph(fused: onnx.ModelProto) -> onnx.ModelProto:
         ]
         count += 1
     left = [n.name for n in nodes if n.op_type == "Attention"]
-    if not count or left:
-        raise ExportError(f"{FILE} needs every Attention node of a prefix (p_tuning_v2) graph to carry a prefix: "
+    if count != len(prefix) or left:
+        raise ExportError(f"{FILE} needs one Attention node with a prefix per layer ({len(prefix)}): "
                           f"{count} rewritten, left {left}")  # fmt: skip
     del graph.node[:]
     graph.node.extend(nodes)
@@ -220,16 +211,20 @@ def build_prefix_op_graph(fused: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def write_prefix_op_graph(fused_path: Path, out_path: Path) -> int:
-    """Write ``out_path`` from the fused prefix graph at ``fused_path``; returns the number of PrefixAttention nodes."""
-    model = build_prefix_op_graph(onnx.load(str(fused_path)))
+def write_prefix_op_graph(fused_path: Path, out_path: Path, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Write ``out_path`` from the fused prefix graph at ``fused_path`` and the frozen ``prefix``; returns the number
+    of PrefixAttention nodes."""
+    model = build_prefix_op_graph(onnx.load(str(fused_path)), prefix)
     onnx.save(model, str(out_path))
     return sum(node.op_type == OP and node.domain == DOMAIN for node in model.graph.node)
 
 
-def export_prefix_op(folder: Path, gate: Callable[[ort.InferenceSession], Parity]) -> dict:
-    """Write folder/model.prefix_op.onnx from folder/model.onnx and pass it through ``gate`` on the CPU provider,
-    which runs the function body. Returns its manifest entry; raises ParityError (from ``gate``) or ExportError."""
-    nodes = write_prefix_op_graph(folder / "model.onnx", folder / FILE)
+def export_prefix_op(
+    folder: Path, prefix: list[tuple[torch.Tensor, torch.Tensor]], gate: Callable[[ort.InferenceSession], Parity]
+) -> dict:
+    """Write folder/model.prefix_op.onnx from folder/model.onnx and the frozen ``prefix`` it was traced with, and pass
+    it through ``gate`` on the CPU provider, which runs the function body. Returns its manifest entry; raises
+    ParityError (from ``gate``) or ExportError."""
+    nodes = write_prefix_op_graph(folder / "model.onnx", folder / FILE, prefix)
     parity = gate(ort.InferenceSession(str(folder / FILE), providers=["CPUExecutionProvider"]))
     return {"file": FILE, "op": f"{DOMAIN}.{OP}", "op_version": 1, "nodes": nodes, "padding": "right", "parity": parity.to_dict()}

@@ -167,7 +167,9 @@ def export_run(
             parity = check_parity(session, eager, bare, tok, texts, max_length, tolerance, require_effect=method.CHANGES_OUTPUT)
         prefix_op = None
         if frozen.prefix is not None and not tagging:  # the same graph with the edgetune.PrefixAttention op (kernels/ort/)
-            prefix_op = export_prefix_op(tmp, lambda s: check_parity(s, eager, bare, tok, texts, max_length, tolerance))
+            prefix_op = export_prefix_op(
+                tmp, frozen.prefix, lambda s: check_parity(s, eager, bare, tok, texts, max_length, tolerance)
+            )
         use_int8 = int8 and not tagging
         gate = int8_graph(tmp, session, tok, cfg, adapter.label_names, max_length, int8_max_drop) if use_int8 else None
         half, half_skipped = (None, "not asked for (--no-fp16)")

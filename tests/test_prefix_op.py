@@ -88,8 +88,12 @@ def test_failed_prefix_op_gate_fails_the_export(runs, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(runs("tiny", "p_tuning_v2"), run)
     shutil.rmtree(run / "export", ignore_errors=True)
-    real = export.prefix_op._prefix_of
-    monkeypatch.setattr(export.prefix_op, "_prefix_of", lambda *a: np.zeros_like(real(*a)))
+    real = export.prefix_op.build_prefix_op_graph
+
+    def zero_prefix(fused, prefix):
+        return real(fused, [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in prefix])
+
+    monkeypatch.setattr(export.prefix_op, "build_prefix_op_graph", zero_prefix)
     with pytest.raises(ParityError, match="differ from eager PyTorch"):
         export_run(run, int8=False)
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml", "metrics.json"]
