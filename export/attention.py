@@ -76,9 +76,14 @@ class PrefixSelfAttention(nn.Module):
         return prefix_attention(hidden_states, self.weight, self.bias, mask, past, self.num_heads), None
 
 
+def register_prefix_attention() -> None:
+    """Have the TorchScript exporter write ``prefix_attention`` as ``com.microsoft.Attention`` (idempotent)."""
+    torch.onnx.register_custom_op_symbolic("edgetune::prefix_attention", _prefix_attention_symbolic, OPSET)
+
+
 def fuse_prefix_attention(model: nn.Module) -> nn.Module:
     """Swap every layer's self-attention of a PrefixModel (with a frozen prefix) for PrefixSelfAttention, in place."""
-    torch.onnx.register_custom_op_symbolic("edgetune::prefix_attention", _prefix_attention_symbolic, OPSET)
+    register_prefix_attention()
     kv = model.prefix.kv()
     for i, layer in enumerate(model.base.base_model.encoder.layer):
         layer.attention.self = PrefixSelfAttention(layer.attention.self, *kv[i])
