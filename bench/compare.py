@@ -19,7 +19,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 
+from adapters.config import load_config  # noqa: E402
 from adapters.errors import EdgetuneError  # noqa: E402
+from adapters.peft_io import load_adapter  # noqa: E402
+from bench.latency import bench_run, save  # noqa: E402
+from export.run import export_run  # noqa: E402
+from train.run import run as train_run  # noqa: E402
 
 SPEC = Path(__file__).with_name("compare.yaml")
 
@@ -36,15 +41,11 @@ def load_spec(path: Path) -> list[dict]:
 
 
 def _trained(run_dir: Path, cfg) -> bool:
-    from adapters.config import load_config
-
     done = run_dir / "metrics.json"
     return done.is_file() and (run_dir / "config.yaml").is_file() and load_config(run_dir / "config.yaml") == cfg
 
 
 def _exported(run_dir: Path) -> bool:
-    from adapters.peft_io import load_adapter
-
     manifest = run_dir / "export" / "manifest.json"
     return manifest.is_file() and json.loads(manifest.read_text())["adapter_sha256"] == load_adapter(run_dir / "adapter").sha256
 
@@ -56,11 +57,6 @@ def _benched(run_dir: Path) -> bool:
 
 def run_all(spec: Path, out: Path, fresh: bool = False, budget_s: float = 0.6) -> list[dict]:
     """Train, export and bench each entry (reusing finished stages unless ``fresh``); returns one row per entry."""
-    from adapters.config import load_config
-    from bench.latency import bench_run, save
-    from export.run import export_run
-    from train.run import run as train_run
-
     rows = []
     for entry in load_spec(spec):
         run_dir = out / entry["name"]
@@ -139,10 +135,11 @@ def report(rows: list[dict], spec: Path) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    # optional: matplotlib is the [bench] extra, only the plot needs it
     import matplotlib
+    import matplotlib.pyplot as plt
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for task, marker in (("intent (BANKING77)", "o"), ("NER (WNUT-16)", "s")):

@@ -36,7 +36,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from transformers import AttentionInterface, BertConfig, BertForSequenceClassification
 
+from adapters.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel, prefix_attention, register_attention, sdpa_concat_attention
 from kernels import prefix_attention as tk
 from kernels.op import prefix_attn
 
@@ -216,8 +219,6 @@ def sweep_forward(args: argparse.Namespace, d: int) -> dict:
 
 def attention_functions() -> tuple[tuple[str, Callable], ...]:
     """The training step's attention functions by name: the kernel, and SDPA over the concatenation (PEFT's way)."""
-    from adapters.prefix import prefix_attention, sdpa_concat_attention
-
     return ("triton_prefix", prefix_attention), ("sdpa_concat_mask", sdpa_concat_attention)
 
 
@@ -225,10 +226,6 @@ def training_step(args: argparse.Namespace, batch: int) -> tuple[torch.nn.Module
     """(model, step): one P-tuning v2 optimiser step of a MiniLM-shaped classifier (6 layers, hidden 384, 12 heads,
     D 32) on a seeded, right-padded batch x args.seq; the attention is whatever function is registered under
     train.prefix.ATTN_SDPA. CUDA-graph safe: capturable AdamW, no autocast weight cache."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from adapters.prefix import ATTN_SDPA, PrefixEncoder, PrefixModel
-
     cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, num_labels=77,
                      max_position_embeddings=512, attn_implementation=ATTN_SDPA)  # fmt: skip
     torch.manual_seed(0)
@@ -258,10 +255,6 @@ def bench_training_step(args: argparse.Namespace, batch: int) -> dict:
     """ms per training step (`training_step`) with each of `attention_functions`, with attention (and hidden) dropout
     as in training and without (eval mode), launched from Python and replayed from a CUDA graph (GPU time; both paths
     draw their dropout on the device, so every replay drops afresh). Interleaved rounds, the faster of two kept."""
-    from transformers import AttentionInterface
-
-    from adapters.prefix import ATTN_SDPA, register_attention
-
     register_attention()
     model, step = training_step(args, batch)
     result = {"batch": batch, "seq": args.seq}
@@ -285,11 +278,6 @@ def bench_training_step(args: argparse.Namespace, batch: int) -> dict:
 
 def profile_training_step(args: argparse.Namespace) -> None:
     """Print torch.profiler's busiest ops (self CPU time) over 3 training steps per attention function."""
-    from torch.profiler import ProfilerActivity, profile
-    from transformers import AttentionInterface
-
-    from adapters.prefix import ATTN_SDPA, register_attention
-
     register_attention()
     _, step = training_step(args, args.train_batches[0])
     for name, fn in attention_functions():
@@ -403,10 +391,11 @@ def format_report(report: dict) -> str:
 def plot_sequence_sweep(report: dict, path: Path) -> None:
     """Achieved TFLOP/s against sequence length, one panel per head dim and direction (forward; forward+backward),
     a line per variant; points whose capture failed are left out."""
+    # optional: only --plot needs matplotlib (the [bench] extra), not the GPU run
     import matplotlib
+    import matplotlib.pyplot as plt
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     sweeps = report.get("seq_sweep")
     if not sweeps:

@@ -8,10 +8,21 @@ import shutil
 import statistics
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from adapters.crf import decode_tags
+from adapters.eager import load_adapter_model
 from adapters.errors import EdgetuneError
 from bench.timing import cpu_name, gpu_name, pct, timed
+from serve.runtime import pick_providers
 from text.words import first_pieces, word_index
+from train.splits import dev_split, parity_texts
 from train.staging import staging_dir
+from train.tagging import gather_words
 
 BATCHES = (1, 8, 32)
 
@@ -19,8 +30,6 @@ BATCHES = (1, 8, 32)
 def make_inputs(tok, texts: list[str], batch: int, kind: str, max_length: int, tagging: bool = False, full: int = 128) -> dict:
     """Graph inputs (numpy): input_ids and attention_mask, and for a tagger word_index / word_mask (texts split into
     words on whitespace, as the server does). ``seq128`` rows hold ``full`` real tokens (128, or the model's limit)."""
-    import numpy as np
-
     if kind == "seq128":
         words = " ".join(texts).split()
         rows = [words[b * 40 : b * 40 + 400] for b in range(batch)]  # different 128-token windows of real text
@@ -41,7 +50,6 @@ def make_inputs(tok, texts: list[str], batch: int, kind: str, max_length: int, t
 
 def torch_runner(model, device):
     """fn(feeds) -> fn() running ``model(**feeds)`` (ours, or PEFT's model called by keyword) on the device."""
-    import torch
 
     def bind(feeds):
         tensors = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
@@ -59,8 +67,6 @@ def torch_runner(model, device):
 
 def eager_tagger(model):
     """The eager tagger end to end, as the graph: emissions at the words' first pieces, then the CRF decode (or argmax)."""
-    from adapters.crf import decode_tags
-    from train.tagging import gather_words
 
     def run(input_ids, attention_mask, word_index, word_mask):
         return decode_tags(model.crf, gather_words(model(input_ids, attention_mask).float(), word_index), word_mask.bool())
@@ -81,13 +87,7 @@ def onnx_runner(session):
 
 def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft: bool):
     """(name, factory) pairs; each factory builds its model or session only when its turn comes."""
-    import onnxruntime as ort
-
-    from adapters.eager import load_adapter_model
-
     export_dir = run_dir / "export"
-    from serve.runtime import pick_providers
-
     providers = pick_providers("cuda" if cuda else "cpu")  # as served: TF32 off, see serve/runtime.py
 
     def ours():
@@ -95,9 +95,6 @@ def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft
         return torch_runner(eager_tagger(model) if tagging else model, device)
 
     def peft():
-        from peft import PeftModel
-        from transformers import AutoModelForSequenceClassification
-
         base = AutoModelForSequenceClassification.from_pretrained(manifest["base_model"], num_labels=manifest["num_labels"])
         model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).to(device).eval()
         return torch_runner(
@@ -129,12 +126,6 @@ def implementations(run_dir: Path, manifest: dict, device, cuda: bool, with_peft
 def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES, with_peft: bool = True, rounds: int = 3) -> dict:
     """Time every implementation on the same inputs, in ``rounds`` interleaved rounds of ``budget_s / rounds`` per
     cell and implementation. ``timed`` pauses before each block so the previous runner's threads go idle first."""
-    import onnxruntime as ort
-    import torch
-    from transformers import AutoTokenizer
-
-    from train.splits import parity_texts
-
     export_dir = run_dir / "export"
     if not (export_dir / "model.onnx").is_file():
         raise EdgetuneError(f"{export_dir}/model.onnx is missing (run `make export RUN={run_dir}` first)")
@@ -146,8 +137,6 @@ def bench_run(run_dir: Path, budget_s: float = 1.5, batches=BATCHES, with_peft: 
     tok = AutoTokenizer.from_pretrained(export_dir)
     tagging = manifest.get("task") == "token-classification"
     if tagging:
-        from train.splits import dev_split
-
         texts = [" ".join(words) for words in dev_split(run_dir).tokens][:256]
     else:
         texts = parity_texts(run_dir, n=256)
@@ -209,10 +198,11 @@ def format_row(r: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    # optional: matplotlib is the [bench] extra; bench.prefix_op imports this module and never plots
     import matplotlib
+    import matplotlib.pyplot as plt
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = result["rows"]
     labels = [f"{r['inputs']}\nb{r['batch']}" for r in rows]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import random
@@ -42,8 +43,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import onnxruntime as ort  # noqa: E402
+
 from adapters.errors import EdgetuneError  # noqa: E402
 from bench.timing import cpu_name  # noqa: E402
+from serve.runtime import Classifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("serve", "serve_nobatch", "pipeline", "onnx_offline")
@@ -80,6 +84,7 @@ def test_texts(run_dir: Path, n: int) -> list[str]:
     Raises:
         EdgetuneError: the run is a tagger (the load test speaks the classifier's contract) or has no config.
     """
+    # lazy: the driver's only torch and transformers imports; keeps `python -m bench.loadtest --help` fast
     from adapters.config import run_config
     from train.data import load_dataset
 
@@ -280,10 +285,6 @@ def offline_ceiling(export_dir: Path, texts: list[str], server_args: tuple[str, 
     run, softmax, labels), at batch 1 and 8 over ``texts`` in order, and in length-grouped batches of 32. The session is
     the server's own: serve.runtime.Classifier with the precision, provider, max length and threads of ``server_args``
     (threads: the server's default, the cores this process may use, where the Classifier takes a thread count)."""
-    import inspect
-
-    from serve.runtime import Classifier
-
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--provider", default="auto")
@@ -443,8 +444,6 @@ def loadtest(run_dir: Path, settings: Settings) -> dict:
     if over.get("skipped"):
         print(f"overload: {over['skipped']}", flush=True)
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    import onnxruntime as ort
-
     return {
         "run": str(run_dir),
         "method": manifest["method"],
@@ -519,10 +518,11 @@ def summary_lines(result: dict) -> list[str]:
 
 def plot(result: dict, path: Path) -> None:
     """texts/s (top) and p99 latency (bottom) against concurrency, per system, one column per request size."""
+    # optional: matplotlib is the [bench] extra, only the plot needs it
     import matplotlib
+    import matplotlib.pyplot as plt
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     sizes = sorted({r["texts_per_request"] for r in result["rows"]}) or [1]
     fig, axes = plt.subplots(2, len(sizes), figsize=(5.5 * len(sizes), 7), squeeze=False)

@@ -20,6 +20,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+import uvicorn  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+from transformers import AutoTokenizer, PreTrainedModel, pipeline  # noqa: E402
+from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from adapters.config import run_config  # noqa: E402
+from adapters.eager import load_adapter_model  # noqa: E402
+
 log = logging.getLogger("edgetune.pipeline_server")
 
 
@@ -31,14 +45,6 @@ def adapter_pipeline(run_dir: Path):
     returns ``.logits``. ``AdapterClassifier`` is that thin wrapper; the pipeline then tokenises, pads, runs the model
     under ``torch.inference_mode`` and applies the softmax itself.
     """
-    import torch
-    from transformers import AutoTokenizer, PreTrainedModel, pipeline
-    from transformers.modeling_outputs import SequenceClassifierOutput
-    from transformers.utils import logging as hf_logging
-
-    from adapters.config import run_config
-    from adapters.eager import load_adapter_model
-
     eager = load_adapter_model(run_dir / "adapter")
     if eager.base.config.problem_type not in (None, "single_label_classification") or eager.crf is not None:
         raise SystemExit("error: the pipeline server serves sequence classifiers only")
@@ -68,12 +74,6 @@ def adapter_pipeline(run_dir: Path):
 
 
 def create_app(pipe, max_length: int, num_labels: int):
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-
     def classify(texts: list[str], top_k: int) -> list[dict]:
         # one forward over the request's texts (batch_size: the pipeline would otherwise run them one by one)
         out = pipe(texts, top_k=top_k, truncation=True, max_length=max_length, batch_size=len(texts))
@@ -109,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8081)
     args = ap.parse_args(argv)
-    import uvicorn
-
     pipe, max_length = adapter_pipeline(Path(args.run))
     pipe(["warm up"], truncation=True, max_length=max_length)
     app = create_app(pipe, max_length, pipe.model.config.num_labels)

@@ -25,11 +25,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
+from onnxruntime.transformers.float16 import convert_float_to_float16
+from transformers import AutoTokenizer
 
+from adapters.eager import load_adapter_model
+from adapters.errors import ParityError
+from adapters.model import base_model_path, load_base
+from adapters.peft_io import head_state, load_adapter
 from bench.latency import make_inputs
 from bench.timing import pct, timed
+from export.graph import LogitsOnly, optimize, trace_to_onnx
+from export.parity import check_parity
 from export.prefix_op import FILE, OP
 from serve.runtime import KERNELS_LIBRARY
+from train.splits import parity_texts
 
 BATCHES = (1, 8, 32, 1, 8, 32)
 
@@ -50,18 +60,12 @@ def cuda_session(path: Path, library: Path | None, profile: Path | None = None) 
 
 def float16(src: Path, dst: Path) -> Path:
     """``src`` converted to float16 weights and activations, keeping int64 inputs and float32 logits."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
     return dst
 
 
 def no_prefix_graph(run: Path, out: Path) -> Path:
     """The run's base model and trained classifier without the prefix, exported and fused like model.onnx."""
-    from adapters.model import base_model_path, load_base
-    from adapters.peft_io import head_state, load_adapter
-    from export.graph import LogitsOnly, optimize, trace_to_onnx
-
     adapter = load_adapter(run / "adapter")
     plain = load_base(base_model_path(adapter.config.get("base_model_name_or_path") or ""), adapter.label_names, attn="eager")
     plain.classifier.load_state_dict(head_state(adapter.tensors))
@@ -102,8 +106,6 @@ def iobinding_runner(sess: ort.InferenceSession, ids: np.ndarray, mask: np.ndarr
 
 
 def torch_runner(model, ids: np.ndarray, mask: np.ndarray):
-    import torch
-
     tids, tmask = torch.from_numpy(ids).cuda(), torch.from_numpy(mask).cuda()
 
     def run():
@@ -121,8 +123,6 @@ def op_providers(sess: ort.InferenceSession) -> list[str]:
 
 def fp16_errors(sess16, eager32, eager16, tok, texts: list[str], max_length: int) -> dict:
     """Max |logit diff| against eager fp32 of the float16 graph and of eager fp16, and their argmax agreement."""
-    import torch
-
     ort_err = torch_err = 0.0
     agree = n = 0
     start = 0
@@ -142,14 +142,6 @@ def fp16_errors(sess16, eager32, eager16, tok, texts: list[str], max_length: int
 
 
 def main(run: Path, out_json: Path) -> dict:
-    import torch
-    from transformers import AutoTokenizer
-
-    from adapters.eager import load_adapter_model
-    from adapters.errors import ParityError
-    from export.parity import check_parity
-    from train.splits import parity_texts
-
     ort.preload_dlls()
     library = Path(os.environ.get("EDGETUNE_KERNELS") or KERNELS_LIBRARY)
     export = run / "export"

@@ -37,6 +37,7 @@ def cpu_name() -> str:
 
 
 def gpu_name() -> str:
+    # lazy: bench.loadtest imports this module, and its `--help` stays free of torch
     import torch
 
     return torch.cuda.get_device_name()
