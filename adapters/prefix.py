@@ -79,6 +79,7 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     query/key/value: (B, N, S, D); attention_mask: bool (B, 1, 1, P+S), True = attend. Returns (B, S, N, D).
     """
     if prefix_kv is not None and query.is_cuda and prefix_kernel:  # the Triton kernel (kernels/), no concatenation
+        # GPU only: kernels.op needs triton, which `pip install .[train]` with torch's CPU wheel does not bring
         from kernels.op import prefix_attn
 
         pk, pv = prefix_kv[module.layer_idx]  # (1, N, P, D)

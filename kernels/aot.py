@@ -16,6 +16,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels.prefix_attention import forward_signature, prefix_attn_fwd
+
 ARCHS = (80, 87, 90)  # sm_80 also serves sm_86 / sm_89; sm_90 serves only compute capability 9.0
 DTYPES = {"fp32": 1, "fp16": 10}  # name -> ONNX TensorProto element type
 HEAD_DIMS = (32, 64, 128)
@@ -29,13 +36,6 @@ LAUNCH_PARAMS = (
 
 def compile_variant(arch: int, dtype: str, head_dim: int, out: Path) -> dict:
     """Compile one variant to out/cubin/NAME.cubin and return its table row."""
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from kernels.prefix_attention import forward_signature, prefix_attn_fwd
-
     spec = forward_signature({"fp32": torch.float32, "fp16": torch.float16}[dtype], head_dim, causal=False, aligned=True)
     params = [name for name, ty in spec.signature.items() if ty != "constexpr"]
     if tuple(params) != LAUNCH_PARAMS:
@@ -57,8 +57,6 @@ def compile_variant(arch: int, dtype: str, head_dim: int, out: Path) -> dict:
 
 def header(rows: list[dict]) -> str:
     """The C++ table: one ``.incbin`` per cubin and an array of CubinEntry (declared in prefix_attention_op.cc)."""
-    import triton
-
     asm = "".join(
         f'    ".global {r["symbol"]}\\n.hidden {r["symbol"]}\\n.balign 64\\n{r["symbol"]}:\\n.incbin \\"{r["path"]}\\"\\n"\n'
         for r in rows

@@ -16,6 +16,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def world_size() -> int:
@@ -63,8 +64,6 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel around the model when several processes train; the model itself otherwise."""
     if world_size() == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
