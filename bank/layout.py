@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 FILE = "bank.safetensors"  # the bank tensors by graph input name
 ADAPTERS = "adapters.json"  # the adapters in slot order: name, labels, source, sha256
 FAMILIES = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "LORA": "lora"}  # peft_type
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED = ("ready", "versions", "infer", "load", "unload")  # path words of the v2 routes a bank adapter appears in
 PEFT_CONFIG, PEFT_WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
 HEADS = ("base_model.classifier", "base_model.model.classifier")  # PEFT's classifier names (prompt learning, LoRA)
 LORA_PREFIX = "base_model.model."
@@ -241,8 +243,10 @@ def spec_of(adapters: list[PeftAdapter], layers: int, heads: int, hidden: int, s
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise BankError(f"adapter name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+    if not isinstance(name, str) or not NAME.match(name) or name in RESERVED:
+        raise BankError(
+            f"adapter name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit, not {', '.join(RESERVED)}"
+        )
     return name
 
 
@@ -260,33 +264,55 @@ class Entry:
 
 
 def write(folder: Path, spec: Spec, entries: list[Entry], tensors: dict[str, np.ndarray]) -> None:
-    """bank.safetensors and adapters.json into ``folder`` (the caller stages it and renames it into place)."""
-    save_file(tensors, str(folder / FILE), metadata={"spec": json.dumps(spec.to_dict())})
-    (folder / ADAPTERS).write_text(json.dumps([e.to_dict() for e in entries], indent=1))
+    """bank.safetensors (the tensors, with the spec and the adapters in its metadata) and adapters.json (the same
+    list, to read) into ``folder``, each written beside and renamed into place: a bank changed while served is never
+    seen half-written."""
+    meta = {"spec": json.dumps(spec.to_dict()), "adapters": json.dumps([e.to_dict() for e in entries])}
+    staged = folder / f".{FILE}.tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(staged), metadata=meta)
+    os.replace(staged, folder / FILE)
+    staged = folder / f".{ADAPTERS}.tmp"
+    staged.write_text(json.dumps([e.to_dict() for e in entries], indent=1))
+    os.replace(staged, folder / ADAPTERS)
 
 
-def read(folder: Path, spec: Spec) -> tuple[list[Entry], dict[str, np.ndarray]]:
-    """The adapters and bank tensors of a bank folder, checked against each other and against ``spec``.
+def read(folder: Path, spec: Spec | None = None) -> tuple[Spec, list[Entry], dict[str, np.ndarray]]:
+    """The spec, adapters and bank tensors of a bank folder, checked against each other (and against ``spec``).
 
     Raises:
-        BankError: a file is missing, unreadable or inconsistent.
+        BankError: the file is missing, unreadable or inconsistent.
     """
+    path = folder / FILE
     try:
-        raw = json.loads((folder / ADAPTERS).read_text())
-        entries = [Entry(check_name(e["name"]), list(e["labels"]), e["sha256"], e["source"]) for e in raw]
-        tensors = load_file(str(folder / FILE))
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        stored = Spec.from_dict(json.loads(meta["spec"]))
+        entries = [
+            Entry(check_name(e["name"]), list(e["labels"]), e["sha256"], e["source"]) for e in json.loads(meta["adapters"])
+        ]
+        tensors = load_file(str(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, SafetensorError, ValueError) as e:
-        raise BankError(f"{folder} is not a readable bank ({ADAPTERS}, {FILE}): {e}") from None
+        raise BankError(f"{path} is not a readable bank (tensors, with the spec and adapters in its metadata): {e}") from None
+    if spec is not None and stored != spec:
+        raise BankError(f"{path} was built for {stored.to_dict()}, not {spec.to_dict()}")
     if len({e.name for e in entries}) != len(entries) or not entries:
-        raise BankError(f"{folder / ADAPTERS} must name at least one adapter, each once")
-    want = {"head_weight", "head_bias"}
-    want |= {f"prefix.{i}" for i in range(spec.layers)} if spec.family == "prefix" else set()
-    want |= {"prompt"} if spec.family == "prompt" else set()
-    want |= {f"lora_{p}.{i}" for i in range(len(spec.targets)) for p in "ab"} if spec.family == "lora" else set()
+        raise BankError(f"{path} must name at least one adapter, each once")
+    want = set(input_names(stored))
     if set(tensors) != want or any(t.shape[0] != len(entries) for t in tensors.values()):
-        raise BankError(f"{folder / FILE} does not hold {sorted(want)} for {len(entries)} adapters")
+        raise BankError(f"{path} does not hold {sorted(want)} for {len(entries)} adapters")
     classes = tensors["head_bias"].shape[1]
     for e in entries:
         if len(e.labels) > classes:
             raise BankError(f"adapter {e.name} names {len(e.labels)} labels; the bank's heads have {classes}")
-    return entries, tensors
+    return stored, entries, tensors
+
+
+def input_names(spec: Spec) -> list[str]:
+    """The bank tensors, in the graph's input order (after input_ids, attention_mask, adapter_index)."""
+    if spec.family == "prefix":
+        tail = [f"prefix.{i}" for i in range(spec.layers)]
+    elif spec.family == "prompt":
+        tail = ["prompt"]
+    else:
+        tail = [f"lora_{p}.{i}" for i in range(len(spec.targets)) for p in "ab"]
+    return ["head_weight", "head_bias", *tail]

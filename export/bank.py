@@ -154,17 +154,6 @@ class BankGraph(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def bank_names(spec: layout.Spec) -> list[str]:
-    """The bank graph's inputs after adapter_index, in order."""
-    if spec.family == "prefix":
-        tail = [f"prefix.{i}" for i in range(spec.layers)]
-    elif spec.family == "prompt":
-        tail = ["prompt"]
-    else:
-        tail = [f"lora_{p}.{i}" for i in range(len(spec.targets)) for p in "ab"]
-    return ["head_weight", "head_bias", *tail]
-
-
 def trace_bank(module: BankGraph, tensors: dict[str, np.ndarray], path: Path, example_len: int = 16) -> None:
     """TorchScript-export the bank graph with dynamic batch, sequence, adapter, label and rank axes."""
     ids = torch.ones((2, example_len), dtype=torch.long)
@@ -338,7 +327,7 @@ def export_bank(
     except layout.BankError as e:
         raise EdgetuneError(str(e)) from None
     tensors = layout.stack([layout.slot(spec, a) for a in peft])
-    module = BankGraph(model, spec, bank_names(spec)[2:])
+    module = BankGraph(model, spec, layout.input_names(spec)[2:])
     max_length = adapter_config(named[0][1], data).max_length
     tok = AutoTokenizer.from_pretrained(base_path)
 

@@ -8,6 +8,8 @@ kind; anything unexpected is a 500 logged with the request id, and the server ke
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import itertools
 import json
@@ -18,13 +20,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bank import layout
 from serve import protocol
+from serve.bank import Adapter, BankClassifier
 from serve.errors import ApiError
 from serve.metrics import Metrics
 from serve.openapi import openapi
@@ -156,14 +161,16 @@ def flag(payload: dict, key: str, default: bool) -> bool:
     return value
 
 
-async def infer(request: Request, state: State, entry: Entry, texts: list[str], truncate: bool) -> tuple[list, list]:
-    """(rows, outputs) of texts on a model: admitted (or 429), handed to its scheduler (which tokenises them off the
-    event loop and batches their rows), awaited until done, the client goes away (rows dropped), or the request times
-    out (504, rows dropped)."""
+async def infer(
+    request: Request, state: State, entry: Entry, texts: list[str], truncate: bool, adapter: Adapter | None = None
+) -> tuple[list, list]:
+    """(rows, outputs) of texts on a model (a bank: with ``adapter``): admitted (or 429), handed to its scheduler
+    (which tokenises them off the event loop and batches their rows), awaited until done, the client goes away (rows
+    dropped), or the request times out (504, rows dropped)."""
     m, name = state.metrics, entry.name
     state.repo.acquire(entry, state.limits.max_concurrent_requests)
     try:
-        done = entry.scheduler.submit(texts, truncate)
+        done = entry.scheduler.submit(texts, truncate, adapter)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             finished, _ = await asyncio.wait(
@@ -231,7 +238,9 @@ class FrontDoor:
         if path == "/predict":
             return path, {}
         if path.startswith("/v2/models/") and path.endswith("/infer"):
-            parts = path.split("/")  # "", v2, models, name, [versions, version,] infer
+            parts = path.split("/")  # "", v2, models, name, [adapter,] [versions, version,] infer
+            if len(parts) in (6, 8) and parts[4] != "versions" and parts[4]:  # a bank's adapter: name BANK/ADAPTER
+                parts = [*parts[:3], f"{parts[3]}/{parts[4]}", *parts[5:]]
             if len(parts) == 5 and parts[3]:
                 return "/v2/models/{name}/infer", {"name": parts[3]}
             if len(parts) == 7 and parts[3] and parts[4] == "versions" and parts[5]:
@@ -246,7 +255,7 @@ class FrontDoor:
                 return None  # the model is named in the body
             entry = next(iter(state.repo.entries.values()))
         elif params.get("version", "1") == "1":
-            entry = state.repo.entries.get(params["name"])
+            entry = state.repo.entries.get(params["name"].partition("/")[0])
         else:
             return None  # 404 the usual way
         if entry is None or entry.in_flight < state.limits.max_concurrent_requests or state.draining:
@@ -299,9 +308,9 @@ async def predict(request: Request, state: State) -> Response:
     name = payload.get("model")
     if name is not None and not isinstance(name, str):
         raise ApiError("validation", '"model" must be a string')
-    entry = state.repo.get(name)
+    entry, adapter = state.repo.target(name)
     request.state.model = entry.name
-    rows, outputs = await infer(request, state, entry, texts, flag(payload, "truncate", state.limits.truncate))
+    rows, outputs = await infer(request, state, entry, texts, flag(payload, "truncate", state.limits.truncate), adapter)
     model = entry.model
     return JSONResponse({"predictions": [model.result(r, o, top_k) for r, o in zip(rows, outputs, strict=True)]})
 
@@ -318,7 +327,8 @@ async def ready(request: Request, state: State) -> Response:
     return JSONResponse(
         {
             "status": "ready", "model": entry.name, "method": m["method"], "task": c.task, "provider": c.provider,
-            "precision": c.precision, "graph": c.graph, "labels": len(c.labels), "adapter_sha256": m["adapter_sha256"],
+            "precision": c.precision, "graph": c.graph, "labels": len(c.labels), "adapter_sha256": m.get("adapter_sha256"),
+            **({"adapters": len(c.names)} if isinstance(c, BankClassifier) else {}),
         }
     )  # fmt: skip
 
@@ -337,41 +347,55 @@ async def v2_ready(request: Request, state: State) -> Response:
     return JSONResponse({"ready": True})
 
 
-def _entry(request: Request, state: State) -> Entry:
+def _name(request: Request) -> str:
+    """The model a v2 route names: NAME, or BANK/ADAPTER for an adapter of a bank."""
+    p = request.path_params
+    return f"{p['name']}/{p['adapter']}" if "adapter" in p else p["name"]
+
+
+def _entry(request: Request, state: State, bank_itself: bool = False) -> tuple[Entry, Adapter | None]:
     version = request.path_params.get("version")
     if version not in (None, "1"):
-        raise ApiError("not_found", f"model {request.path_params['name']!r} has version 1 only, not {version!r}")
-    return state.repo.get(request.path_params["name"])
+        raise ApiError("not_found", f"model {_name(request)!r} has version 1 only, not {version!r}")
+    if bank_itself and "adapter" not in request.path_params:  # metadata and readiness of the bank as a whole
+        return state.repo.get(_name(request)), None
+    return state.repo.target(_name(request))
 
 
 async def v2_model(request: Request, state: State) -> Response:
-    entry = _entry(request, state)
+    entry, adapter = _entry(request, state, bank_itself=True)
     c = entry.model
-    meta = protocol.metadata(entry.name, c.task, len(c.labels), "edgetune_onnxruntime")
-    meta["parameters"] = {"method": c.manifest["method"], "labels": c.labels, "max_length": c.max_length}
+    if isinstance(c, BankClassifier) and adapter is None:
+        meta = protocol.metadata(entry.name, c.task, 0, "edgetune_onnxruntime")
+        meta["parameters"] = {"method": c.manifest["method"], "adapters": c.names, "max_length": c.max_length}
+        return JSONResponse(meta)
+    labels = adapter.labels if adapter else c.labels
+    meta = protocol.metadata(_name(request), c.task, len(labels), "edgetune_onnxruntime")
+    meta["parameters"] = {"method": c.manifest["method"], "labels": labels, "max_length": c.max_length}
     return JSONResponse(meta)
 
 
 async def v2_model_ready(request: Request, state: State) -> Response:
-    entry = _entry(request, state)
+    _entry(request, state, bank_itself=True)
     if state.draining:
         raise ApiError("unavailable", "the server is draining")
-    return JSONResponse({"name": entry.name, "ready": True})
+    return JSONResponse({"name": _name(request), "ready": True})
 
 
 async def v2_infer(request: Request, state: State) -> Response:
     if not state.ready():
         raise ApiError("unavailable", "the server is not ready (starting or draining)")
-    entry = _entry(request, state)
+    entry, adapter = _entry(request, state)
     body = await read_body(request, state.limits.payload_limit)
     req, texts = protocol.parse_infer(body, request.headers.get("inference-header-content-length"))
     texts = check_texts(texts, state.limits.max_client_batch)
     params = req.get("parameters") if isinstance(req.get("parameters"), dict) else {}
-    rows, outputs = await infer(request, state, entry, texts, flag(params, "truncate", state.limits.truncate))
+    rows, outputs = await infer(request, state, entry, texts, flag(params, "truncate", state.limits.truncate), adapter)
     c = entry.model
-    preds = [c.result(r, o, len(c.labels) if c.task != "token-classification" else 1) for r, o in zip(rows, outputs, strict=True)]
+    top = len(adapter.labels if adapter else c.labels) if c.task != "token-classification" else 1
+    preds = [c.result(r, o, top) for r, o in zip(rows, outputs, strict=True)]
     tensors = protocol.output_tensors(c.task, preds, outputs if c.task != "token-classification" else None)
-    data, headers = protocol.infer_response(entry.name, req, tensors)
+    data, headers = protocol.infer_response(_name(request), req, tensors)
     media = "application/octet-stream" if headers else "application/json"
     return Response(data, media_type=media, headers=headers)
 
@@ -381,16 +405,65 @@ async def v2_index(request: Request, state: State) -> Response:
     return JSONResponse(state.repo.index())
 
 
+def _adapter_params(body: bytes) -> dict | None:
+    """The request's ``parameters`` when they name a bank's adapter (``{"parameters": {"adapter": NAME, ...}}``)."""
+    if not body.strip():
+        return None
+    payload = parse_json(body)
+    params = payload.get("parameters") if isinstance(payload, dict) else None
+    if not isinstance(params, dict) or "adapter" not in params:
+        return None
+    if not isinstance(params["adapter"], str):
+        raise ApiError("validation", '"parameters.adapter" must be a string')
+    return params
+
+
 async def v2_load(request: Request, state: State) -> Response:
-    await read_body(request, state.limits.payload_limit)
-    await state.repo.load(request.path_params["name"])
-    return JSONResponse({})
+    """Load or reload a model; with ``parameters.adapter``, add (or replace) that adapter of a bank from
+    ``parameters.path`` (a PEFT adapter folder on the server) or ``parameters.files`` (its files, base64)."""
+    params = _adapter_params(await read_body(request, state.limits.payload_limit))
+    if params is None:
+        await state.repo.load(request.path_params["name"])
+        return JSONResponse({})
+    bank = state.repo.bank(request.path_params["name"])
+    name = params["adapter"]
+    try:
+        if isinstance(params.get("path"), str):
+            entry = await asyncio.to_thread(bank.add, name, params["path"])
+        elif isinstance(params.get("files"), dict):
+            entry = await asyncio.to_thread(bank.add_files, name, decode_files(params["files"]))
+        else:
+            raise ApiError("validation", 'name the adapter\'s folder ("parameters.path") or send its files ("parameters.files")')
+    except ServeError as e:
+        raise ApiError("validation", str(e)) from None
+    log.info("bank %s: adapter %s from %s (%d labels)", request.path_params["name"], name, entry.source, len(entry.labels))
+    return JSONResponse({"adapter": entry.name, "labels": len(entry.labels), "adapters": len(bank.names)})
 
 
 async def v2_unload(request: Request, state: State) -> Response:
-    await read_body(request, state.limits.payload_limit)
-    await state.repo.unload(request.path_params["name"])
-    return JSONResponse({})
+    """Unload a model; with ``parameters.adapter``, remove that adapter of a bank."""
+    params = _adapter_params(await read_body(request, state.limits.payload_limit))
+    if params is None:
+        await state.repo.unload(request.path_params["name"])
+        return JSONResponse({})
+    bank = state.repo.bank(request.path_params["name"])
+    try:
+        await asyncio.to_thread(bank.remove, params["adapter"])
+    except KeyError:
+        raise ApiError("not_found", f"bank {request.path_params['name']!r} has no adapter {params['adapter']!r}") from None
+    except ServeError as e:
+        raise ApiError("validation", str(e)) from None
+    return JSONResponse({"adapters": len(bank.names)})
+
+
+def decode_files(files: dict) -> dict[str, bytes]:
+    out = {}
+    for name, data in files.items():
+        try:
+            out[name] = base64.b64decode(data, validate=True)
+        except (TypeError, ValueError, binascii.Error):
+            raise ApiError("validation", f'"parameters.files.{name}" must be base64') from None
+    return out
 
 
 async def metrics(request: Request, state: State) -> Response:
@@ -401,6 +474,20 @@ async def metrics(request: Request, state: State) -> Response:
 async def openapi_json(request: Request, state: State) -> Response:
     return JSONResponse(openapi(VERSION, min(state.repo.entries, default="")))
 
+
+class AdapterName(Convertor):
+    """A bank adapter's name in a v2 path: never one of the words the model routes end in (ready, infer, ...)."""
+
+    regex = f"(?!(?:{'|'.join(layout.RESERVED)})(?:/|$))[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("adapter", AdapterName())
 
 ROUTES = [
     ("/predict", predict, ["POST"]),
@@ -415,6 +502,8 @@ ROUTES = [
     ("/v2/models/{name}/versions/{version}", v2_model, ["GET"]),
     ("/v2/models/{name}/ready", v2_model_ready, ["GET"]),
     ("/v2/models/{name}/versions/{version}/ready", v2_model_ready, ["GET"]),
+    ("/v2/models/{name}/{adapter:adapter}", v2_model, ["GET"]),  # a bank's adapter
+    ("/v2/models/{name}/{adapter:adapter}/ready", v2_model_ready, ["GET"]),
     ("/v2/models/{name}/infer", v2_infer, ["POST"]),
     ("/v2/models/{name}/versions/{version}/infer", v2_infer, ["POST"]),
     ("/v2/repository/index", v2_index, ["POST"]),

@@ -36,6 +36,7 @@ class Ticket:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float
+    adapter: object = None  # a bank's requests: the adapter every row of the request runs with
     rows: list[Row] = field(default_factory=list)
     outputs: list = field(default_factory=list)
     left: int = 0  # rows not yet run
@@ -121,10 +122,11 @@ class Scheduler:
         with self._cond:
             return len(self._pending) + sum(len(t.texts) for t in self._inbox)
 
-    def submit(self, texts: list[str], truncate: bool) -> asyncio.Future:
-        """Queue a request's texts (from the event loop); the future resolves with (rows, outputs)."""
+    def submit(self, texts: list[str], truncate: bool, adapter: object = None) -> asyncio.Future:
+        """Queue a request's texts (from the event loop), for a bank with ``adapter``; the future resolves with
+        (rows, outputs)."""
         loop = asyncio.get_running_loop()
-        ticket = Ticket(texts, truncate, loop.create_future(), loop, time.perf_counter())
+        ticket = Ticket(texts, truncate, loop.create_future(), loop, time.perf_counter(), adapter)
         with self._cond:
             if self._closing:
                 raise RuntimeError(f"scheduler {self.name} is closed")
@@ -202,6 +204,7 @@ class Scheduler:
     def _queue(self, ticket: Ticket, rows: list[Row]) -> None:
         ticket.rows, ticket.outputs, ticket.left = rows, [None] * len(rows), len(rows)
         for i, row in enumerate(rows):
+            row.adapter = ticket.adapter
             item = _Item(len(row), next(self._seq), row, ticket, i)
             bisect.insort(self._pending, item)
             self._fifo.append(item)

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.bank import Adapter, BankClassifier
 from serve.batching import Limits, Scheduler
 from serve.errors import ApiError
 from serve.metrics import Metrics
@@ -168,6 +169,28 @@ class Repository:
         reason = self.failures.get(name)
         raise ApiError("unavailable", f"model {name!r} is not loaded" + (f": {reason}" if reason else ""))
 
+    def target(self, name: str | None) -> tuple[Entry, Adapter | None]:
+        """The entry a request names and, for a bank, the adapter: a bank's adapters are named "BANK/ADAPTER"."""
+        bank, _, adapter = (name or "").partition("/")
+        entry = self.entries.get(bank) if adapter else None
+        if entry is None or not isinstance(entry.model, BankClassifier):  # a model's own name
+            entry = self.get(name)
+            if isinstance(entry.model, BankClassifier):
+                few = ", ".join(f"{entry.name}/{n}" for n in entry.model.names[:3])
+                raise ApiError("validation", f"model {entry.name!r} is a bank of adapters: name one ({few}, ...)")
+            return entry, None
+        try:
+            return entry, entry.model.adapter(adapter)
+        except KeyError:
+            raise ApiError("not_found", f"bank {bank!r} has no adapter {adapter!r} ({len(entry.model.names)} adapters)") from None
+
+    def bank(self, name: str) -> BankClassifier:
+        """The loaded bank called ``name``; ApiError if it is not one."""
+        model = self.get(name).model
+        if not isinstance(model, BankClassifier):
+            raise ApiError("validation", f"model {name!r} is not a bank of adapters")
+        return model
+
     def overloaded(self, entry: Entry) -> ApiError:
         """The 429 for a model at its limit (counted)."""
         self.metrics.overloaded.labels(entry.name).inc()
@@ -191,6 +214,9 @@ class Repository:
         for name in sorted(set(self.names()) | set(self.entries) | set(self.failures)):
             if name in self.entries:
                 out.append({"name": name, "version": "1", "state": "READY"})
+                model = self.entries[name].model
+                if isinstance(model, BankClassifier):  # and each of its adapters
+                    out += [{"name": f"{name}/{a}", "version": "1", "state": "READY"} for a in model.names]
             else:
                 reason = self.failures.get(name, "not loaded")
                 out.append({"name": name, "version": "1", "state": "UNAVAILABLE", "reason": reason})
@@ -206,10 +232,13 @@ def _close_later(scheduler: Scheduler) -> None:
 
 
 def load_model(export_dir: str | Path, **kw) -> Classifier:
-    """The right runtime for an export folder: a Classifier, or a Tagger for a token-classification export."""
+    """The right runtime for an export folder: a Classifier, a Tagger for a token-classification export, a
+    BankClassifier for a bank."""
     manifest = Path(export_dir) / "manifest.json"
-    task = read_json(manifest).get("task") if manifest.is_file() else None
-    if task == "token-classification":
+    meta = read_json(manifest) if manifest.is_file() else {}
+    if meta.get("kind") == "bank":
+        return BankClassifier(export_dir, **kw)
+    if meta.get("task") == "token-classification":
         return Tagger(export_dir, **kw)
     return Classifier(export_dir, **kw)
 

@@ -49,6 +49,7 @@ class Row:
     words: list[str] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)  # the first word piece of each kept word
     kept: list[int] = field(default_factory=list)  # which word each of those is
+    adapter: object = None  # a bank's rows: the adapter they run with (serve.bank.Adapter)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -80,6 +81,9 @@ def softmax(x: np.ndarray) -> np.ndarray:
 class Classifier:
     """The exported model, its tokenizer and labels. ``classify(texts)`` -> one dict per text."""
 
+    FILES = ("tokenizer.json", "labels.json", "manifest.json")  # besides the graph
+    BUCKETS = True  # on the CUDA provider, run through fixed-shape buckets (serve/buckets.py)
+
     def __init__(
         self,
         export_dir: str | Path,
@@ -103,7 +107,7 @@ class Classifier:
         if precision == "auto":
             precision = "fp16" if on_cuda and (d / GRAPHS["fp16"]).is_file() else "fp32"
         model = GRAPHS[precision]
-        for name in (model, "tokenizer.json", "labels.json", "manifest.json"):
+        for name in (model, *self.FILES):
             if not (d / name).is_file():
                 hint = {"model.int8.onnx": "export without --no-int8", "model.fp16.onnx": "export without --no-fp16 (see manifest"
                         " fp16_skipped)"}.get(name, "run `make export` first")  # fmt: skip
@@ -111,9 +115,7 @@ class Classifier:
         self.export_dir = d
         self.precision = precision
         self.manifest = read_json(d / "manifest.json")
-        self.labels = read_json(d / "labels.json")
-        if not isinstance(self.labels, list) or not self.labels or not all(isinstance(x, str) for x in self.labels):
-            raise ServeError(f"{d / 'labels.json'} must be a non-empty list of label names")
+        self.labels = self.read_labels(d)
         self.max_length = int(max_length or self.manifest.get("max_length", 128))
         if self.max_length > int(self.manifest.get("max_positions", 512)):
             raise ServeError(f"max_length {self.max_length} exceeds the model's {self.manifest['max_positions']} positions")
@@ -155,7 +157,7 @@ class Classifier:
             raise ServeError(f"{d / model} does not load in onnxruntime: {e}") from None
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.runner = None  # on the CUDA provider: fixed-shape buckets, I/O binding, CUDA graphs (serve/buckets.py)
-        if on_cuda:
+        if on_cuda and self.BUCKETS:
             self.runner = BucketRunner(
                 self.session, "cuda", max_rows, self.max_length, self.pad_id, len(self.labels), cuda_graphs
             )
@@ -164,6 +166,16 @@ class Classifier:
             except Exception as e:  # onnxruntime's own types: a node that cannot be captured, or out of memory
                 hint = " (try --no-cuda-graphs)" if cuda_graphs else ""
                 raise ServeError(f"{d / model} does not run at fixed shapes on CUDA{hint}: {e}") from None
+
+    def read_labels(self, d: Path) -> list[str]:
+        labels = read_json(d / "labels.json")
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise ServeError(f"{d / 'labels.json'} must be a non-empty list of label names")
+        return labels
+
+    def labels_of(self, row: Row) -> list[str]:
+        """The label names of a row's output."""
+        return self.labels
 
     def session_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.runner.run(names, feeds) if self.runner else self.session.run(names, feeds)
@@ -196,12 +208,13 @@ class Classifier:
         return list(self.session_run(["logits"], self.feeds(rows))[0])
 
     def result(self, row: Row, out: np.ndarray, top_k: int = 1) -> dict:
+        labels = self.labels_of(row)
         probs = softmax(out.astype(np.float64))
-        order = np.argsort(-probs)[: max(1, min(top_k, len(self.labels)))]
+        order = np.argsort(-probs)[: max(1, min(top_k, len(labels)))]
         pred = {
-            "label": self.labels[order[0]],
+            "label": labels[order[0]],
             "score": float(probs[order[0]]),
-            "top": [{"label": self.labels[i], "score": float(probs[i])} for i in order],
+            "top": [{"label": labels[i], "score": float(probs[i])} for i in order],
         }
         if row.truncated:
             pred["truncated"] = True

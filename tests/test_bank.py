@@ -63,7 +63,7 @@ def test_every_row_matches_its_adapter(bank):
     assert max(p["batch_sizes"]) > 1 and p["n_samples"] == 3 * bank_export.ROWS_PER_ADAPTER
     assert p["own_exports_compared"] == 1 and p["max_abs_diff_vs_own_export"] <= 1e-4
     assert p["min_adapter_effect"] > 10 * p["tolerance"]
-    entries, tensors = layout.read(out, layout.Spec.from_dict(manifest["spec"]))
+    _, entries, tensors = layout.read(out, layout.Spec.from_dict(manifest["spec"]))
     assert [e.name for e in entries] == [f.parent.name for f in folders]
     assert [len(e.labels) for e in entries] == list(LABELS) and tensors["head_bias"].shape == (3, max(LABELS))
 
@@ -74,7 +74,7 @@ def test_a_row_given_another_adapter_fails_the_gate(bank, tiny_bert):
     from transformers import AutoTokenizer
 
     out, manifest, folders = bank
-    _, tensors = layout.read(out, layout.Spec.from_dict(manifest["spec"]))
+    _, _, tensors = layout.read(out, layout.Spec.from_dict(manifest["spec"]))
     refs = []
     for slot, folder in enumerate(folders):
         adapter = bank_export.load_adapter(folder)
