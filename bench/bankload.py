@@ -4,6 +4,7 @@ Both are served by ``python -m serve --models`` on loopback, on the same sentenc
 
 - memory: the server's resident memory (VmRSS) once every model (every adapter) has answered a request, for a bank of
   1, 10 and 100 adapters and for 1 and 10 (``--separate``) separate single-adapter exports of the same base model;
+- parity: the bank run by the server's runtime (the CUDA provider on a GPU host) against each adapter's own export;
 - throughput: the load client (bench/loadclient.py, closed loop, 1-text requests) at concurrency 32 against the
   single export, and against the bank with the requests spread evenly over 1, 10 and 100 of its adapters.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -24,9 +26,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 from adapters.errors import EdgetuneError
 from bank import layout
 from bench.loadtest import ProcSampler, Settings, free_port, run_client, server, test_texts
+from serve.bank import BankClassifier
+from serve.runtime import Classifier
 
 SIZES = (1, 10, 100)
 
@@ -90,9 +96,42 @@ def measure(repo: Path, models: list[str], texts: list[str], settings: Settings,
     return row
 
 
+def served_parity(bank: Path, texts: list[str], rows: int = 32) -> dict:
+    """The bank as the server runs it (serve.bank, the best provider here: CUDA on a GPU host), ``rows`` texts per
+    adapter shuffled into batches of 32 that mix adapters, against each adapter's own export (RUN/export beside
+    RUN/adapter) on the CPU provider: the largest |logit difference| and the rows whose class differs."""
+    served = BankClassifier(bank)
+    want, items = {}, []
+    for entry in served.state.entries:
+        own = Path(entry.source).parent / "export"
+        if Path(entry.source).name == "adapter" and (own / "model.onnx").is_file():
+            single = Classifier(own, providers="cpu")
+            want[entry.name] = single.run(single.rows(texts[:rows]))
+            adapter = served.adapter(entry.name)
+            for i, row in enumerate(served.rows(texts[:rows])):
+                row.adapter = adapter
+                items.append((entry.name, i, row))
+    random.Random(0).shuffle(items)
+    worst, differ = 0.0, 0
+    for start in range(0, len(items), 32):
+        batch = items[start : start + 32]
+        for (name, i, _), got in zip(batch, served.run([row for _, _, row in batch]), strict=True):
+            worst = max(worst, float(np.abs(got - want[name][i]).max()))
+            differ += int(got.argmax() != want[name][i].argmax())
+    return {
+        "provider": served.provider,
+        "max_abs_diff": worst,
+        "argmax_differ": differ,
+        "rows": len(items),
+        "adapters": sorted(want),
+    }
+
+
 def bankload(bank: Path, single: Path, run: Path, sizes: tuple[int, ...], separates: tuple[int, ...], settings: Settings) -> dict:
     texts = test_texts(run, settings.texts)
     result = {"bank": str(bank), "single": str(single), "sizes": list(sizes), "bank_rows": [], "separate_rows": []}
+    result["served_parity"] = served_parity(bank, texts)
+    print(f"served bank vs own exports: {result['served_parity']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bankload-", dir=bank.parent) as tmp:
         for n in sizes:
             repo = Path(tmp) / f"bank{n}"

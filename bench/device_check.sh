@@ -24,4 +24,9 @@ for variant in "fp16_graphs:--provider cuda" "fp32_nographs:--provider cuda --pr
   python3 -m bench.loadtest --run "$RUN" --out "$OUT/served_$name" --systems serve,onnx_offline --sizes 1,32 \
     --concurrency 1,32 --duration 5 --no-overload --server-args "${variant#*:}" 2>&1 | tee "$OUT/served_$name.log" || true
 done
+# a bank of the run's adapter on the CUDA provider (bank tensors on the device): the served bank against the adapter's
+# own export, memory and load-test throughput with 1 and 100 adapters against the single export
+python3 -m export --bank /tmp/runs/banks/intents --adapters "$RUN/adapter" 2>&1 | grep -v "Shape mismatch" | tee "$OUT/bank_export.log" || true
+python3 -m bench.bankload --bank /tmp/runs/banks/intents --single "$RUN/export" --run "$RUN" --sizes 1,100 --separate 1 \
+  --duration 5 --out "$OUT" 2>&1 | grep -v "Shape mismatch" | tee "$OUT/bankload.log" || true
 cp "$RUN/metrics.json" "$RUN/export/manifest.json" "$RUN/bench/bench.json" "$RUN/bench/latency.png" "$OUT/"

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from bank import layout
 from serve.runtime import Classifier, Row, ServeError
@@ -25,11 +26,19 @@ UPLOAD_FILES = (layout.PEFT_CONFIG, layout.PEFT_WEIGHTS, layout.LABELS)
 
 @dataclass(frozen=True)
 class BankState:
-    """One version of the bank: its adapters in slot order and the graph's bank inputs."""
+    """One version of the bank: its adapters in slot order and the graph's bank inputs, as arrays and as the
+    session's inputs (OrtValues on the session's device: on the CUDA provider they are copied there once, not on
+    every run; on the CPU they share the arrays' memory)."""
 
     spec: layout.Spec
     entries: tuple[layout.Entry, ...]
     tensors: dict[str, np.ndarray]
+    device: str = "cpu"
+    values: dict[str, ort.OrtValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        values = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0) for k, v in self.tensors.items()}
+        object.__setattr__(self, "values", values)
 
     def slot(self, name: str) -> int | None:
         return next((i for i, e in enumerate(self.entries) if e.name == name), None)
@@ -51,12 +60,23 @@ class BankClassifier(Classifier):
     FILES = ("tokenizer.json", "manifest.json", layout.FILE)
     BUCKETS = False  # the CUDA path runs the session directly
 
+    def __init__(self, export_dir: str | Path, **kw) -> None:
+        super().__init__(export_dir, **kw)
+        if self.device != self.state.device:  # read before the session existed: now on its device
+            state = self.state
+            self.state = BankState(state.spec, state.entries, state.tensors, self.device)
+
+    @property
+    def device(self) -> str:
+        """Where the bank's tensors live: on the GPU when the session runs on the CUDA provider."""
+        return "cuda" if getattr(self, "session", None) and self.provider == "CUDAExecutionProvider" else "cpu"
+
     def read_labels(self, d: Path) -> list[str]:
         try:
             spec, entries, tensors = layout.read(d)
         except layout.BankError as e:
             raise ServeError(str(e)) from None
-        self.state = BankState(spec, tuple(entries), tensors)
+        self.state = BankState(spec, tuple(entries), tensors, self.device)
         self._change = threading.Lock()  # one change at a time
         return []  # each adapter has its own (labels_of)
 
@@ -88,7 +108,7 @@ class BankClassifier(Classifier):
             state = rows[members[0]].adapter.state
             feeds = self.feeds([rows[i] for i in members])
             feeds["adapter_index"] = np.asarray([rows[i].adapter.slot for i in members], np.int64)
-            logits = self.session_run(["logits"], {**state.tensors, **feeds})[0]
+            logits = self.session_run(["logits"], {**state.values, **feeds})[0]
             for i, row_logits in zip(members, logits, strict=True):
                 out[i] = row_logits[: len(rows[i].adapter.labels)]
         return out
@@ -120,7 +140,7 @@ class BankClassifier(Classifier):
                 entries.append(entry)
             else:
                 slots[at], entries[at] = slot, entry
-            self._swap(BankState(old.spec, tuple(entries), layout.stack(slots)))
+            self._swap(BankState(old.spec, tuple(entries), layout.stack(slots), self.device))
         return entry
 
     def add_files(self, name: str, files: dict[str, bytes]) -> layout.Entry:
@@ -145,7 +165,7 @@ class BankClassifier(Classifier):
             slots = self._slots(old)
             del slots[at]
             entries = [e for i, e in enumerate(old.entries) if i != at]
-            self._swap(BankState(old.spec, tuple(entries), layout.stack(slots)))
+            self._swap(BankState(old.spec, tuple(entries), layout.stack(slots), self.device))
 
     @staticmethod
     def _slots(state: BankState) -> list[dict[str, np.ndarray]]:

@@ -176,3 +176,20 @@ def test_tritonclient_names_a_bank_adapter(adapters):
         text.set_data_from_numpy(np.array(TEXTS, dtype=object))
         logits = client.infer("bank/b", [text]).as_numpy("logits")
         np.testing.assert_allclose(logits, _own_logits(made["b"], TEXTS), atol=1e-4)
+
+
+def test_bankload_measures_a_bank_against_separate_exports(exported, tiny_bert, tmp_path):
+    """bench.bankload end to end on a tiny run: the served bank equals the adapter's own export, and every size has
+    its memory and throughput figures."""
+    from bench.bankload import bankload, tables
+    from bench.loadtest import Settings
+
+    run = exported("tiny", "p_tuning_v2")
+    export_bank(tmp_path / "bank", [str(run / "adapter")], str(tiny_bert))
+    settings = Settings(duration_s=1.0, warmup_s=0.2, texts=32, drain_s=5.0)
+    result = bankload(tmp_path / "bank", run / "export", run, (1, 3), (1, 2), settings)
+    assert result["served_parity"]["rows"] == 32 and result["served_parity"]["max_abs_diff"] <= 1e-4
+    assert [r["adapters"] for r in result["bank_rows"]] == [1, 3] and [r["exports"] for r in result["separate_rows"]] == [1, 2]
+    assert all(r["texts_per_s"] > 0 and r["status"] == {"200": r["status"]["200"]} for r in result["bank_rows"])
+    assert result["separate_rows"][1]["rss_mb"] > result["separate_rows"][0]["rss_mb"]
+    assert len(tables(result)) == 2 + 2 + 3 + 2
