@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 
 FILE = "bank.safetensors"  # the bank tensors by graph input name
 ADAPTERS = "adapters.json"  # the adapters in slot order: name, labels, source, sha256
-FAMILIES = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "LORA": "lora"}  # peft_type
+PEFT_FAMILIES = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "LORA": "lora"}  # peft_type
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED = ("ready", "versions", "infer", "load", "unload")  # path words of the v2 routes a bank adapter appears in
 PEFT_CONFIG, PEFT_WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
@@ -79,7 +79,7 @@ class PeftAdapter:
 
     @property
     def family(self) -> str:
-        return FAMILIES[self.config["peft_type"]]
+        return PEFT_FAMILIES[self.config["peft_type"]]
 
 
 def sha256_of(path: Path) -> str:
@@ -113,9 +113,9 @@ def read_peft(folder: str | Path) -> PeftAdapter:
         tensors = {k: v.astype(np.float32, copy=False) for k, v in load_file(str(d / PEFT_WEIGHTS)).items()}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, ValueError) as e:
         raise BankError(f"adapter folder {d} is unreadable: {e}") from None
-    if not isinstance(config, dict) or config.get("peft_type") not in FAMILIES:
+    if not isinstance(config, dict) or config.get("peft_type") not in PEFT_FAMILIES:
         got = config.get("peft_type") if isinstance(config, dict) else config
-        raise BankError(f"{d / PEFT_CONFIG}: peft_type {got!r} cannot be banked (one of {', '.join(FAMILIES)})")
+        raise BankError(f"{d / PEFT_CONFIG}: peft_type {got!r} cannot be banked (one of {', '.join(PEFT_FAMILIES)})")
     if config.get("task_type") != "SEQ_CLS":
         raise BankError(f"{d / PEFT_CONFIG}: task_type {config.get('task_type')!r}; banks serve classifiers (SEQ_CLS)")
     for k, t in tensors.items():
@@ -157,48 +157,14 @@ def check(spec: Spec, adapter: PeftAdapter) -> None:
     weight, bias = head_of(adapter.tensors)
     if weight.ndim != 2 or weight.shape[1] != spec.hidden or bias.shape != (weight.shape[0],):
         raise BankError(f"the adapter's classifier is {weight.shape} + {bias.shape}; the bank needs (labels, {spec.hidden})")
-    if spec.family in ("prefix", "prompt"):
-        p = int(c.get("num_virtual_tokens", -1))
-        if p != spec.virtual_tokens:
-            raise BankError(f"the adapter has {p} virtual tokens; every adapter of this bank has {spec.virtual_tokens}")
-        table = adapter.tensors.get("prompt_embeddings")
-        width = 2 * spec.layers * spec.hidden if spec.family == "prefix" else spec.hidden
-        if table is None or table.shape != (p, width):
-            got = None if table is None else table.shape
-            raise BankError(f"the adapter's prompt_embeddings is {got}; this bank needs ({p}, {width})")
-    else:
-        for path, (a, b) in lora_pairs(adapter).items():
-            if path not in spec.shapes:
-                raise BankError(f"the adapter has LoRA on {path}; this bank's graph has it on {', '.join(spec.targets)}")
-            n_in, n_out = spec.shapes[path]
-            if a.ndim != 2 or a.shape[1] != n_in or b.shape != (n_out, a.shape[0]):
-                raise BankError(f"the adapter's LoRA pair on {path} is A{a.shape} B{b.shape}; the module is {n_in} -> {n_out}")
-
-
-def rank(adapter: PeftAdapter) -> int:
-    return max(a.shape[0] for a, _ in lora_pairs(adapter).values())
+    FAMILIES[spec.family].check(spec, adapter)
 
 
 def slot(spec: Spec, adapter: PeftAdapter) -> dict[str, np.ndarray]:
     """The adapter's part of every bank tensor (no adapter axis; unpadded: ``stack`` pads), after ``check``."""
     weight, bias = head_of(adapter.tensors)
     out = {"head_weight": np.ascontiguousarray(weight.T), "head_bias": bias}  # (H, C), (C,)
-    if spec.family == "prefix":
-        p, n = spec.virtual_tokens, spec.heads
-        kv = adapter.tensors["prompt_embeddings"].reshape(p, 2 * spec.layers, n, spec.hidden // n)  # (P, 2L, N, D)
-        kv = kv.transpose(1, 2, 0, 3).reshape(spec.layers, 2, n, p, spec.hidden // n)  # layer l: keys [l, 0], values [l, 1]
-        out.update({f"prefix.{layer}": np.ascontiguousarray(kv[layer]) for layer in range(spec.layers)})
-    elif spec.family == "prompt":
-        out["prompt"] = adapter.tensors["prompt_embeddings"]
-    else:
-        c = adapter.config
-        scale = float(c["lora_alpha"]) / int(c["r"])  # PEFT's scaling (no rslora)
-        pairs = lora_pairs(adapter)
-        for i, path in enumerate(spec.targets):
-            n_in, n_out = spec.shapes[path]
-            a, b = pairs.get(path, (np.zeros((0, n_in), np.float32), np.zeros((n_out, 0), np.float32)))
-            out[f"lora_a.{i}"] = np.ascontiguousarray(a.T)  # (in, r)
-            out[f"lora_b.{i}"] = np.ascontiguousarray(b.T * np.float32(scale))  # (r, out)
+    out.update(FAMILIES[spec.family].slot(spec, adapter))
     return out
 
 
@@ -226,14 +192,7 @@ def spec_of(adapters: list[PeftAdapter], layers: int, heads: int, hidden: int, s
     first = adapters[0]
     c = first.config
     spec = Spec(first.family, c["task_type"], c.get("base_model_name_or_path") or "", layers, heads, hidden)
-    if spec.family in ("prefix", "prompt"):
-        spec = replace(spec, virtual_tokens=int(c.get("num_virtual_tokens", 0)))
-    else:
-        targets = sorted({path for a in adapters if a.family == "lora" for path in lora_pairs(a)})
-        unknown = [t for t in targets if t not in shapes]
-        if unknown:
-            raise BankError(f"LoRA on {unknown[0]}, which is not a Linear module of the base model")
-        spec = replace(spec, targets=tuple(targets), shapes={t: shapes[t] for t in targets})
+    spec = FAMILIES[spec.family].spec(spec, adapters, shapes)
     for a in adapters:
         try:
             check(spec, a)
@@ -309,10 +268,97 @@ def read(folder: Path, spec: Spec | None = None) -> tuple[Spec, list[Entry], dic
 
 def input_names(spec: Spec) -> list[str]:
     """The bank tensors, in the graph's input order (after input_ids, attention_mask, adapter_index)."""
-    if spec.family == "prefix":
-        tail = [f"prefix.{i}" for i in range(spec.layers)]
-    elif spec.family == "prompt":
-        tail = ["prompt"]
-    else:
-        tail = [f"lora_{p}.{i}" for i in range(len(spec.targets)) for p in "ab"]
+    tail = FAMILIES[spec.family].names(spec)
     return ["head_weight", "head_bias", *tail]
+
+
+# --- the method families: what each adds to the bank (its tensors, its checks, what its spec records) ----------------
+
+
+class Prefix:
+    """Prefix / P-tuning v2: PEFT's table (P, 2*L*H) as each layer's keys and values, ``prefix.{l}`` (2, N, P, D)."""
+
+    @staticmethod
+    def spec(spec: Spec, adapters: list[PeftAdapter], shapes: dict) -> Spec:
+        return replace(spec, virtual_tokens=int(adapters[0].config.get("num_virtual_tokens", 0)))
+
+    @staticmethod
+    def width(spec: Spec) -> int:
+        return 2 * spec.layers * spec.hidden
+
+    @classmethod
+    def check(cls, spec: Spec, adapter: PeftAdapter) -> None:
+        p = int(adapter.config.get("num_virtual_tokens", -1))
+        if p != spec.virtual_tokens:
+            raise BankError(f"the adapter has {p} virtual tokens; every adapter of this bank has {spec.virtual_tokens}")
+        table = adapter.tensors.get("prompt_embeddings")
+        if table is None or table.shape != (p, cls.width(spec)):
+            got = None if table is None else table.shape
+            raise BankError(f"the adapter's prompt_embeddings is {got}; this bank needs ({p}, {cls.width(spec)})")
+
+    @staticmethod
+    def slot(spec: Spec, adapter: PeftAdapter) -> dict[str, np.ndarray]:
+        p, n, d = spec.virtual_tokens, spec.heads, spec.hidden // spec.heads
+        kv = adapter.tensors["prompt_embeddings"].reshape(p, 2 * spec.layers, n, d)  # (P, 2L, N, D)
+        kv = kv.transpose(1, 2, 0, 3).reshape(spec.layers, 2, n, p, d)  # layer l: keys [l, 0], values [l, 1]
+        return {f"prefix.{layer}": np.ascontiguousarray(kv[layer]) for layer in range(spec.layers)}
+
+    @staticmethod
+    def names(spec: Spec) -> list[str]:
+        return [f"prefix.{i}" for i in range(spec.layers)]
+
+
+class Prompt(Prefix):
+    """Prompt tuning / P-tuning: the virtual token embeddings (P, H), ``prompt``."""
+
+    @staticmethod
+    def width(spec: Spec) -> int:
+        return spec.hidden
+
+    @staticmethod
+    def slot(spec: Spec, adapter: PeftAdapter) -> dict[str, np.ndarray]:
+        return {"prompt": adapter.tensors["prompt_embeddings"]}
+
+    @staticmethod
+    def names(spec: Spec) -> list[str]:
+        return ["prompt"]
+
+
+class Lora:
+    """LoRA: on each of the bank's target modules, ``lora_a.{i}`` A^T (in, r) and ``lora_b.{i}`` B^T alpha / r (r,
+    out); an adapter without a pair on a target gets rank 0 there (zeros once padded)."""
+
+    @staticmethod
+    def spec(spec: Spec, adapters: list[PeftAdapter], shapes: dict) -> Spec:
+        targets = sorted({path for a in adapters if a.family == spec.family for path in lora_pairs(a)})
+        unknown = [t for t in targets if t not in shapes]
+        if unknown:
+            raise BankError(f"LoRA on {unknown[0]}, which is not a Linear module of the base model")
+        return replace(spec, targets=tuple(targets), shapes={t: shapes[t] for t in targets})
+
+    @staticmethod
+    def check(spec: Spec, adapter: PeftAdapter) -> None:
+        for path, (a, b) in lora_pairs(adapter).items():
+            if path not in spec.shapes:
+                raise BankError(f"the adapter has LoRA on {path}; this bank's graph has it on {', '.join(spec.targets)}")
+            n_in, n_out = spec.shapes[path]
+            if a.ndim != 2 or a.shape[1] != n_in or b.shape != (n_out, a.shape[0]):
+                raise BankError(f"the adapter's LoRA pair on {path} is A{a.shape} B{b.shape}; the module is {n_in} -> {n_out}")
+
+    @staticmethod
+    def slot(spec: Spec, adapter: PeftAdapter) -> dict[str, np.ndarray]:
+        scale = float(adapter.config["lora_alpha"]) / int(adapter.config["r"])  # PEFT's scaling (no rslora)
+        pairs, out = lora_pairs(adapter), {}
+        for i, path in enumerate(spec.targets):
+            n_in, n_out = spec.shapes[path]
+            a, b = pairs.get(path, (np.zeros((0, n_in), np.float32), np.zeros((n_out, 0), np.float32)))
+            out[f"lora_a.{i}"] = np.ascontiguousarray(a.T)  # (in, r)
+            out[f"lora_b.{i}"] = np.ascontiguousarray(b.T * np.float32(scale))  # (r, out)
+        return out
+
+    @staticmethod
+    def names(spec: Spec) -> list[str]:
+        return [f"lora_{p}.{i}" for i in range(len(spec.targets)) for p in "ab"]
+
+
+FAMILIES = {"prefix": Prefix, "prompt": Prompt, "lora": Lora}  # a family's name (Spec.family) -> its rules

@@ -108,50 +108,80 @@ class GatheredPrefix(nn.Module):
 
 class BankGraph(nn.Module):
     """forward(input_ids, attention_mask, adapter_index, head_weight, head_bias, *bank) -> logits (B, C): each row
-    through the base model with its adapter (``names``: the bank inputs after the head's, in order)."""
+    through the base model with its adapter's tensors (``names``: the bank inputs after the head's, in order) and its
+    own classifier. A family's graph (GRAPHS) sets up the base model and gathers its tensors per row (``gather``)."""
+
+    FUSED_ATTENTION = True  # onnxruntime still fuses every layer's attention into one Attention node
 
     def __init__(self, model: nn.Module, spec: layout.Spec, names: list[str]) -> None:
         super().__init__()
-        base = copy.deepcopy(model)
-        base.classifier = RowHead()
-        self.family, self.names, self.heads = spec.family, names, base.config.num_attention_heads
-        self.head = base.classifier
-        self.lora: list[RowLoRALinear] = []
-        if spec.family == "prefix":
-            self.prefix = GatheredPrefix()
-            self.layers = []
-            for layer in base.base_model.encoder.layer:
-                layer.attention.self = RowPrefixAttention(layer.attention.self)
-                self.layers.append(layer.attention.self)
-            self.model = PrefixModel(base, self.prefix, self.heads).eval()
-        else:
-            base.set_attn_implementation("eager")  # what onnxruntime fuses into Attention
-            for path in spec.targets:
-                parent, leaf = path.rsplit(".", 1)
-                row = RowLoRALinear(base.get_submodule(path))
-                setattr(base.get_submodule(parent), leaf, row)
-                self.lora.append(row)
-            self.model = base.eval()
+        self.base = copy.deepcopy(model)
+        self.base.classifier = self.head = RowHead()
+        self.names = names
 
     def forward(self, input_ids, attention_mask, adapter_index, head_weight, head_bias, *bank):
-        tensors = dict(zip(self.names, bank, strict=True))
         self.head.weight = head_weight.index_select(0, adapter_index)  # (B, H, C)
         self.head.bias = head_bias.index_select(0, adapter_index)  # (B, C)
-        if self.family == "prefix":
-            pasts = [tensors[f"prefix.{i}"].index_select(0, adapter_index).transpose(0, 1) for i in range(len(self.layers))]
-            for attn, past in zip(self.layers, pasts, strict=True):  # (2, B, N, P, D)
-                attn.past = past
-            self.prefix.kv_rows = [(past[0], past[1]) for past in pasts]
-            return self.model(input_ids, attention_mask)
+        rows = {name: t.index_select(0, adapter_index) for name, t in zip(self.names, bank, strict=True)}
+        return self.gather(input_ids, attention_mask, rows)
+
+
+class PrefixBankGraph(BankGraph):
+    """Each layer's attention one fused Attention node whose past is the rows' prefixes, (2, B, N, P, D)."""
+
+    def __init__(self, model: nn.Module, spec: layout.Spec, names: list[str]) -> None:
+        super().__init__(model, spec, names)
+        self.prefix = GatheredPrefix()
+        self.layers = []
+        for layer in self.base.base_model.encoder.layer:
+            layer.attention.self = RowPrefixAttention(layer.attention.self)
+            self.layers.append(layer.attention.self)
+        self.model = PrefixModel(self.base, self.prefix, self.base.config.num_attention_heads).eval()
+
+    def gather(self, input_ids, attention_mask, rows):
+        pasts = [rows[f"prefix.{i}"].transpose(0, 1) for i in range(len(self.layers))]  # (2, B, N, P, D) each
+        for attn, past in zip(self.layers, pasts, strict=True):
+            attn.past = past
+        self.prefix.kv_rows = [(past[0], past[1]) for past in pasts]
+        return self.model(input_ids, attention_mask)
+
+
+class PromptBankGraph(BankGraph):
+    """The rows' prompts (B, P, H) before their word embeddings; transformers' own attention, which onnxruntime fuses."""
+
+    def __init__(self, model: nn.Module, spec: layout.Spec, names: list[str]) -> None:
+        super().__init__(model, spec, names)
+        self.base.set_attn_implementation("eager")
+
+    def gather(self, input_ids, attention_mask, rows):
+        prompt = rows["prompt"]  # (B, P, H)
+        embeds = torch.cat([prompt, self.base.base_model.embeddings.word_embeddings(input_ids)], dim=1)
+        mask = torch.cat([torch.ones_like(attention_mask[:, :1]).expand(-1, prompt.shape[1]), attention_mask], dim=1)
+        return self.base(inputs_embeds=embeds, attention_mask=mask).logits
+
+
+class LoraBankGraph(BankGraph):
+    """Each target projection with the rows' low-rank updates (RowLoRALinear)."""
+
+    FUSED_ATTENTION = False  # the updates on the Q/K/V projections keep onnxruntime from fusing the attention
+
+    def __init__(self, model: nn.Module, spec: layout.Spec, names: list[str]) -> None:
+        super().__init__(model, spec, names)
+        self.base.set_attn_implementation("eager")
+        self.lora = []
+        for path in spec.targets:
+            parent, leaf = path.rsplit(".", 1)
+            row = RowLoRALinear(self.base.get_submodule(path))
+            setattr(self.base.get_submodule(parent), leaf, row)
+            self.lora.append(row)
+
+    def gather(self, input_ids, attention_mask, rows):
         for i, row in enumerate(self.lora):
-            row.a = tensors[f"lora_a.{i}"].index_select(0, adapter_index)  # (B, in, r)
-            row.b = tensors[f"lora_b.{i}"].index_select(0, adapter_index)  # (B, r, out)
-        if self.family == "prompt":
-            prompt = tensors["prompt"].index_select(0, adapter_index)  # (B, P, H)
-            embeds = torch.cat([prompt, self.model.base_model.embeddings.word_embeddings(input_ids)], dim=1)
-            mask = torch.cat([torch.ones_like(attention_mask[:, :1]).expand(-1, prompt.shape[1]), attention_mask], dim=1)
-            return self.model(inputs_embeds=embeds, attention_mask=mask).logits
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            row.a, row.b = rows[f"lora_a.{i}"], rows[f"lora_b.{i}"]  # (B, in, r), (B, r, out)
+        return self.base(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+GRAPHS = {"prefix": PrefixBankGraph, "prompt": PromptBankGraph, "lora": LoraBankGraph}  # Spec.family -> its graph
 
 
 def trace_bank(module: BankGraph, tensors: dict[str, np.ndarray], path: Path, example_len: int = 16) -> None:
@@ -327,7 +357,7 @@ def export_bank(
     except layout.BankError as e:
         raise EdgetuneError(str(e)) from None
     tensors = layout.stack([layout.slot(spec, a) for a in peft])
-    module = BankGraph(model, spec, layout.input_names(spec)[2:])
+    module = GRAPHS[spec.family](model, spec, layout.input_names(spec)[2:])
     max_length = adapter_config(named[0][1], data).max_length
     tok = AutoTokenizer.from_pretrained(base_path)
 
@@ -345,7 +375,7 @@ def export_bank(
     with staging_dir(out.parent, f".{out.name}.") as tmp:
         trace_bank(module, tensors, tmp / "raw.onnx")
         expected = {"SkipLayerNormalization": 2 * c.num_hidden_layers - 1}
-        if spec.family != "lora":
+        if module.FUSED_ATTENTION:
             expected["Attention"] = c.num_hidden_layers
         fused = optimize(tmp / "raw.onnx", tmp / "model.onnx", c.num_attention_heads, c.hidden_size, expected)
         (tmp / "raw.onnx").unlink()
