@@ -42,6 +42,7 @@ from bank import layout
 from export.attention import prefix_attention, register_prefix_attention
 from export.graph import OPSET, optimize
 from export.parity import DEFAULT_TOLERANCE, diff_bound, float64_copy
+from export.prefix_op import export_prefix_op
 from export.run import TOKENIZER_FILES, replace_folder
 from train.splits import parity_texts
 from train.staging import staging_dir
@@ -381,6 +382,11 @@ def export_bank(
         (tmp / "raw.onnx").unlink()
         session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
         parity = check_bank_parity(session, tensors, refs, rows, tok, max_length, tolerance)
+        prefix_op = None
+        if isinstance(module, PrefixBankGraph):  # each row's prefix into edgetune.PrefixAttention (kernels/ort/), same gate
+            prefix_op = export_prefix_op(
+                tmp, None, lambda s: check_bank_parity(s, tensors, refs, rows, tok, max_length, tolerance)
+            )
         entries = [layout.Entry(name, a.labels, a.sha256, str(folder)) for (name, folder), a in zip(named, peft, strict=True)]
         layout.write(tmp, spec, entries, tensors)
         for name in TOKENIZER_FILES:
@@ -404,6 +410,7 @@ def export_bank(
             "onnxruntime_version": ort.__version__,
             "torch_version": torch.__version__,
             "parity": parity,
+            "prefix_op": prefix_op,
             "export_seconds": round(time.perf_counter() - t0, 1),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -9,8 +9,9 @@ its Triton kernel runs instead of the body. The graph is ``model.onnx`` with eac
 Node contract, domain ``edgetune``, version 1:
   inputs:
     q, k, v         T (B, S, H): the Q/K/V projections with bias, H = num_heads * D
-    prefix_key      T (1, N, P, D): the layer's prefix keys (an initializer), shared by the batch
-    prefix_value    T (1, N, P, D): its values
+    prefix_key      T (1, N, P, D): the layer's prefix keys (an initializer), shared by the batch; or (B, N, P, D),
+                    each row's own (a bank's graph, the rows' adapters gathered)
+    prefix_value    T (1 or B, N, P, D): its values
     lengths         int32 (B,): row b's tokens are 0 .. lengths[b]-1 (right padding); = ReduceSum(attention_mask)
   attributes: num_heads (int), scale (float, usually D ** -0.5), causal (int: 1 = query i sees sequence keys j <= i)
   output: T (B, S, H), the attention of each query over [prefix; sequence keys j < lengths[b]] before the output
@@ -141,9 +142,11 @@ def _prune(graph: onnx.GraphProto) -> None:
         graph.initializer.remove(init)
 
 
-def build_prefix_op_graph(fused: onnx.ModelProto, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> onnx.ModelProto:
+def build_prefix_op_graph(fused: onnx.ModelProto, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> onnx.ModelProto:
     """Rewrite the fused prefix graph (model.onnx of a prefix run) into the PrefixAttention graph, with ``prefix``
-    (the adapter's frozen per-layer keys and values, each (1, N, P, D), that the fused graph was traced with).
+    (the adapter's frozen per-layer keys and values, each (1, N, P, D), that the fused graph was traced with); or,
+    ``prefix`` None (a bank's graph, whose pasts are the rows' gathered prefixes), with each Attention node's past
+    (2, B, N, P, D) split into the rows' keys and values.
 
     The k-th ``com.microsoft.Attention`` with a ``past`` (nodes are in topological order, so layer k's) becomes
     MatMul(hidden, W_qkv) + bias -> Split -> PrefixAttention (q, k, v, layer k's prefix keys and values, lengths), the
@@ -167,28 +170,39 @@ def build_prefix_op_graph(fused: onnx.ModelProto, prefix: list[tuple[torch.Tenso
         if not (node.op_type == "Attention" and node.domain == "com.microsoft" and len(node.input) > 4 and node.input[4]):
             nodes.append(node)
             continue
-        hidden, weight, bias = node.input[:3]
-        if count >= len(prefix):
-            raise ExportError(f"{FILE}: the graph has more Attention nodes with a prefix than the {len(prefix)} layers")
-        key, value = (t.detach().float().cpu().numpy() for t in prefix[count])  # (1, N, P, D) each
+        hidden, weight, bias, _mask, past = node.input[:5]
         heads = next(a.i for a in node.attribute if a.name == "num_heads")
-        _, n_heads, _, d = key.shape
-        if n_heads != heads or weight not in inits or bias not in inits:
-            raise ExportError(f"Attention node {node.name} does not have the expected packed weights and prefix")
-        h = heads * d
-        scale = next((a.f for a in node.attribute if a.name == "scale"), 0.0) or d**-0.5
+        if weight not in inits or bias not in inits:
+            raise ExportError(f"Attention node {node.name} does not have the expected packed weights")
+        h = inits[weight].dims[1] // 3  # packed (H, 3H)
+        d = h // heads
         tag = f"prefix_op.{count}"
-        pk = numpy_helper.from_array(np.ascontiguousarray(key), f"{tag}.prefix_key")  # (1, N, P, D)
-        pv = numpy_helper.from_array(np.ascontiguousarray(value), f"{tag}.prefix_value")
+        if prefix is None:  # the rows' own prefixes: past[0], past[1], each (B, N, P, D)
+            pk, pv = f"{tag}.prefix_key", f"{tag}.prefix_value"
+            index = [numpy_helper.from_array(np.asarray(i, np.int64), f"{tag}.past{i}") for i in (0, 1)]
+            graph.initializer.extend(index)
+            nodes += [helper.make_node("Gather", [past, index[0].name], [pk], axis=0),
+                      helper.make_node("Gather", [past, index[1].name], [pv], axis=0)]  # fmt: skip
+        else:
+            if count >= len(prefix):
+                raise ExportError(f"{FILE}: the graph has more Attention nodes with a prefix than the {len(prefix)} layers")
+            key, value = (t.detach().float().cpu().numpy() for t in prefix[count])  # (1, N, P, D) each
+            if key.shape[1] != heads or key.shape[3] != d:
+                raise ExportError(f"Attention node {node.name}: a prefix of shape {key.shape} for {heads} heads of {d}")
+            consts = [numpy_helper.from_array(np.ascontiguousarray(t), f"{tag}.{what}") for t, what in
+                      ((key, "prefix_key"), (value, "prefix_value"))]  # fmt: skip
+            graph.initializer.extend(consts)
+            pk, pv = (c.name for c in consts)
+        scale = next((a.f for a in node.attribute if a.name == "scale"), 0.0) or d**-0.5
         split = numpy_helper.from_array(np.asarray([h, h, h], np.int64), f"{tag}.split")
-        graph.initializer.extend([pk, pv, split])
+        graph.initializer.append(split)
         nodes += [
             helper.make_node("MatMul", [hidden, weight], [f"{tag}.qkv_mm"]),  # (B, S, 3H)
             helper.make_node("Add", [f"{tag}.qkv_mm", bias], [f"{tag}.qkv"]),
             helper.make_node("Split", [f"{tag}.qkv", split.name], [f"{tag}.q", f"{tag}.k", f"{tag}.v"], axis=-1),
             helper.make_node(
                 OP,
-                [f"{tag}.q", f"{tag}.k", f"{tag}.v", pk.name, pv.name, "prefix_op.lengths"],
+                [f"{tag}.q", f"{tag}.k", f"{tag}.v", pk, pv, "prefix_op.lengths"],
                 [node.output[0]],
                 name=f"{tag}.attention",
                 domain=DOMAIN,
@@ -199,8 +213,9 @@ def build_prefix_op_graph(fused: onnx.ModelProto, prefix: list[tuple[torch.Tenso
         ]
         count += 1
     left = [n.name for n in nodes if n.op_type == "Attention"]
-    if count != len(prefix) or left:
-        raise ExportError(f"{FILE} needs one Attention node with a prefix per layer ({len(prefix)}): "
+    layers = count if prefix is None else len(prefix)
+    if not count or count != layers or left:
+        raise ExportError(f"{FILE} needs one Attention node with a prefix per layer ({layers}): "
                           f"{count} rewritten, left {left}")  # fmt: skip
     del graph.node[:]
     graph.node.extend(nodes)
@@ -211,20 +226,21 @@ def build_prefix_op_graph(fused: onnx.ModelProto, prefix: list[tuple[torch.Tenso
     return model
 
 
-def write_prefix_op_graph(fused_path: Path, out_path: Path, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Write ``out_path`` from the fused prefix graph at ``fused_path`` and the frozen ``prefix``; returns the number
-    of PrefixAttention nodes."""
+def write_prefix_op_graph(fused_path: Path, out_path: Path, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> int:
+    """Write ``out_path`` from the fused prefix graph at ``fused_path`` and the frozen ``prefix`` (None: a bank's
+    graph, see build_prefix_op_graph); returns the number of PrefixAttention nodes."""
     model = build_prefix_op_graph(onnx.load(str(fused_path)), prefix)
     onnx.save(model, str(out_path))
     return sum(node.op_type == OP and node.domain == DOMAIN for node in model.graph.node)
 
 
 def export_prefix_op(
-    folder: Path, prefix: list[tuple[torch.Tensor, torch.Tensor]], gate: Callable[[ort.InferenceSession], Parity]
+    folder: Path, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, gate: Callable[[ort.InferenceSession], Parity | dict]
 ) -> dict:
-    """Write folder/model.prefix_op.onnx from folder/model.onnx and the frozen ``prefix`` it was traced with, and pass
-    it through ``gate`` on the CPU provider, which runs the function body. Returns its manifest entry; raises
-    ParityError (from ``gate``) or ExportError."""
+    """Write folder/model.prefix_op.onnx from folder/model.onnx and the frozen ``prefix`` it was traced with (None: a
+    bank's graph), and pass it through ``gate`` on the CPU provider, which runs the function body. Returns its
+    manifest entry; raises ParityError (from ``gate``) or ExportError."""
     nodes = write_prefix_op_graph(folder / "model.onnx", folder / FILE, prefix)
     parity = gate(ort.InferenceSession(str(folder / FILE), providers=["CPUExecutionProvider"]))
-    return {"file": FILE, "op": f"{DOMAIN}.{OP}", "op_version": 1, "nodes": nodes, "padding": "right", "parity": parity.to_dict()}
+    parity = parity if isinstance(parity, dict) else parity.to_dict()
+    return {"file": FILE, "op": f"{DOMAIN}.{OP}", "op_version": 1, "nodes": nodes, "padding": "right", "parity": parity}

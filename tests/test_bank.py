@@ -63,6 +63,11 @@ def test_every_row_matches_its_adapter(bank):
     assert max(p["batch_sizes"]) > 1 and p["n_samples"] == 3 * bank_export.ROWS_PER_ADAPTER
     assert p["own_exports_compared"] == 1 and p["max_abs_diff_vs_own_export"] <= 1e-4
     assert p["min_adapter_effect"] > 10 * p["tolerance"]
+    if manifest["method"] == "prefix":  # the rows' prefixes into edgetune.PrefixAttention, through the same gate
+        op = manifest["prefix_op"]
+        assert op["nodes"] == 2 and op["parity"]["max_abs_diff"] <= 1e-4 and (out / op["file"]).is_file()
+    else:
+        assert manifest["prefix_op"] is None
     _, entries, tensors = layout.read(out, layout.Spec.from_dict(manifest["spec"]))
     assert [e.name for e in entries] == [f.parent.name for f in folders]
     assert [len(e.labels) for e in entries] == list(LABELS) and tensors["head_bias"].shape == (3, max(LABELS))

@@ -1,6 +1,6 @@
 // onnxruntime custom-op library: edgetune.PrefixAttention (version 1) for the CUDA execution provider.
 //
-// The node contract is documented in export/prefix_op.py: q, k, v (B, S, H), prefix_key / prefix_value (1, N, P, D),
+// The node contract is documented in export/prefix_op.py: q, k, v (B, S, H), prefix_key / prefix_value (1 or B, N, P, D),
 // lengths int32 (B,) -> (B, S, H); attributes num_heads, scale, causal. The op launches the ahead-of-time compiled
 // Triton kernel prefix_attn_fwd (kernels/prefix_attention.py, cubins from kernels/aot.py, embedded at build time)
 // on onnxruntime's compute stream, for float and float16, head dims 32 / 64 / 128, causal = 0.
@@ -180,20 +180,20 @@ struct Kernel {
     Ort::ConstValue pk = ctx.GetInput(3), pv = ctx.GetInput(4), lengths = ctx.GetInput(5);
     auto info = q.GetTensorTypeAndShapeInfo();
     std::vector<int64_t> shape = info.GetShape();  // (B, S, H)
-    std::vector<int64_t> pshape = pk.GetTensorTypeAndShapeInfo().GetShape();  // (1, N, P, D)
-    if (shape.size() != 3 || pshape.size() != 4) return Fail("q must be (B, S, H) and prefix_key (1, N, P, D)");
+    std::vector<int64_t> pshape = pk.GetTensorTypeAndShapeInfo().GetShape();  // (1, N, P, D), or (B, N, P, D) per row
+    if (shape.size() != 3 || pshape.size() != 4) return Fail("q must be (B, S, H) and prefix_key (1 or B, N, P, D)");
     const int64_t b = shape[0], s = shape[1], h = shape[2], n = pshape[1], p = pshape[2], d = pshape[3];
-    if (pshape[0] != 1 || n != num_heads || n * d != h || pv.GetTensorTypeAndShapeInfo().GetShape() != pshape ||
+    if ((pshape[0] != 1 && pshape[0] != b) || n != num_heads || n * d != h || pv.GetTensorTypeAndShapeInfo().GetShape() != pshape ||
         k.GetTensorTypeAndShapeInfo().GetShape() != shape || v.GetTensorTypeAndShapeInfo().GetShape() != shape ||
         lengths.GetTensorTypeAndShapeInfo().GetShape() != std::vector<int64_t>{b}) {
-      return Fail("shapes do not fit the contract: q, k, v (B, S, H); prefix_key, prefix_value (1, num_heads, P, H / num_heads); "
+      return Fail("shapes do not fit the contract: q, k, v (B, S, H); prefix_key, prefix_value (1 or B, num_heads, P, H / num_heads); "
                   "lengths (B,)");
     }
     Ort::UnownedValue out = ctx.GetOutput(0, shape);
     if (b * s == 0) return nullptr;
     const int dtype = static_cast<int>(info.GetElementType());
     const int64_t limit = INT32_MAX;
-    if (b * s * h > limit || n * p * d > limit) return Fail("tensors too large for the kernel's 32-bit strides");
+    if (b * s * h > limit || pshape[0] * n * p * d > limit) return Fail("tensors too large for the kernel's 32-bit strides");
 
     std::string error;
     const Driver* dr = LoadDriver(&error);
@@ -246,9 +246,12 @@ struct Kernel {
     }
     CUdeviceptr args_ptr[8];
     for (int i = 0; i < 8; ++i) args_ptr[i] = reinterpret_cast<CUdeviceptr>(ptrs[i]);
-    // (B, S, H) read as (B, N, S, D): strides (S*H, D, H); the prefix (1, N, P, D) with batch stride 0
+    // (B, S, H) read as (B, N, S, D): strides (S*H, D, H); a shared prefix (1, N, P, D) with batch stride 0, the rows'
+    // own (B, N, P, D) with N*P*D
     const int32_t seq_stride[3] = {static_cast<int32_t>(s * h), static_cast<int32_t>(d), static_cast<int32_t>(h)};
-    const int32_t pre_stride[3] = {0, static_cast<int32_t>(p * d), static_cast<int32_t>(d)};
+    const bool per_row = pk.GetTensorTypeAndShapeInfo().GetShape()[0] != 1;
+    const int32_t pre_stride[3] = {static_cast<int32_t>(per_row ? h * p : 0), static_cast<int32_t>(p * d),
+                                   static_cast<int32_t>(d)};
     int32_t strides[18];
     for (int t = 0; t < 6; ++t) {
       const int32_t* src = (t == 3 || t == 4) ? pre_stride : seq_stride;  // order: q, k, v, pk, pv, out
