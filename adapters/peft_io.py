@@ -13,7 +13,6 @@ Full and head-only fine-tuning have no PEFT form: their "adapter" folder is a co
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from adapters.config import RunConfig
 from adapters.errors import AdapterError
 from adapters.methods import METHODS, method_of
 from adapters.methods.common import head_state
+from bank.layout import sha256_of
 
 CONFIG, WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
 CHECKPOINT, CHECKPOINT_META, CRF_WEIGHTS = "model.safetensors", "edgetune.json", "crf.safetensors"
@@ -116,16 +116,8 @@ def _load_checkpoint(folder: Path) -> Adapter:
     label_names = json.loads((folder / LABELS).read_text())
     task = meta.get("task", "classification")
     return Adapter(
-        meta["method"], meta, {}, label_names, file_sha256(folder / CHECKPOINT), task, _load_crf(folder, len(label_names))
+        meta["method"], meta, {}, label_names, sha256_of(folder / CHECKPOINT), task, _load_crf(folder, len(label_names))
     )
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_adapter(folder: Path) -> Adapter:
@@ -174,4 +166,4 @@ def load_adapter(folder: Path) -> Adapter:
     if len(label_names) != head["weight"].shape[0]:
         raise AdapterError(f"{labels_path} names {len(label_names)} labels, the classifier has {head['weight'].shape[0]}")
     crf = _load_crf(folder, len(label_names))
-    return Adapter(method, config, tensors, label_names, file_sha256(folder / WEIGHTS), task, crf)
+    return Adapter(method, config, tensors, label_names, sha256_of(folder / WEIGHTS), task, crf)

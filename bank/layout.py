@@ -229,6 +229,7 @@ def write(folder: Path, spec: Spec, entries: list[Entry], tensors: dict[str, np.
     meta = {"spec": json.dumps(spec.to_dict()), "adapters": json.dumps([e.to_dict() for e in entries])}
     staged = folder / f".{FILE}.tmp"
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(staged), metadata=meta)
+    os.chmod(staged, 0o644)  # safetensors writes 0600: the bank is read like the graph beside it
     os.replace(staged, folder / FILE)
     staged = folder / f".{ADAPTERS}.tmp"
     staged.write_text(json.dumps([e.to_dict() for e in entries], indent=1))

@@ -173,7 +173,7 @@ def accuracy(bank_dir: Path, runs: list[Path], seed: int = 0) -> list[dict]:
     """Each run's whole test split through its own export and through the bank (all runs' test rows shuffled together,
     so batches mix adapters); one row of figures per run, in slot order."""
     manifest = json.loads((bank_dir / "manifest.json").read_text())
-    entries, tensors = layout.read(bank_dir, layout.Spec.from_dict(manifest["spec"]))
+    _, entries, tensors = layout.read(bank_dir, layout.Spec.from_dict(manifest["spec"]))
     if [e.name for e in entries] != [r.name for r in runs]:
         raise EdgetuneError(f"{bank_dir} holds {[e.name for e in entries]}, not the runs {[r.name for r in runs]}")
     tests, owns, trained_on = [], [], []

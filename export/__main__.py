@@ -110,6 +110,11 @@ def bank_main(args) -> int:
         + (f"; vs {p['own_exports_compared']} adapters' own exports max |diff| {own:.2e}" if own is not None else "")
         + f"; fused {m['fused_ops']}"
     )
+    if m["prefix_op"]:
+        q = m["prefix_op"]
+        print(
+            f"prefix op: {q['file']}, {q['nodes']} {q['op']} nodes, CPU parity (function body) max |diff| {q['parity']['max_abs_diff']:.2e}"
+        )
     return 0
 
 

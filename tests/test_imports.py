@@ -23,7 +23,7 @@ ALLOWED = {  # package -> the project packages it may import
     "text": set(),
     "bank": set(),
     "kernels": set(),
-    "adapters": {"text", "kernels"},
+    "adapters": {"text", "bank", "kernels"},
     "train": {"adapters", "text"},
     "export": {"train", "adapters", "text", "bank", "kernels"},
     "serve": {"text", "bank"},
