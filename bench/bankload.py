@@ -2,15 +2,17 @@
 
 Both are served by ``python -m serve --models`` on loopback, on the same sentences (RUN's test split), in one run:
 
-- memory: the server's resident memory (VmRSS) once every model (every adapter) has answered a request, for a bank of
-  1, 10 and 100 adapters and for 1 and 10 (``--separate``) separate single-adapter exports of the same base model;
+- memory: the server's resident memory (VmRSS) after the same warm-up of 100 requests spread over its models (every
+  adapter answers at least one), for a bank of 1, 10 and 100 adapters and for 1 and 10 (``--separate``) separate
+  single-adapter exports of the same base model;
 - parity: the bank run by the server's runtime (the CUDA provider on a GPU host) against each adapter's own export;
 - throughput: the load client (bench/loadclient.py, closed loop, 1-text requests) at concurrency 32 against the
   single export, and against the bank with the requests spread evenly over 1, 10 and 100 of its adapters.
 
 A bank of N adapters is the exported bank's graph with N slots, filled from its adapters in turn (named
 ``ADAPTER.k``): the graph is the same for any N, and its cost does not depend on the values in the slots. Separate
-exports are hard-linked copies of ``--single``. Writes OUT/bankload.json and prints the tables.
+exports are hard-linked copies of ``--single``. Each system runs ``--rounds`` times, the systems in turn; the tables
+give each figure's median. Writes OUT/bankload.json and prints the tables.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ from serve.bank import BankClassifier
 from serve.runtime import Classifier
 
 SIZES = (1, 10, 100)
+WARM = 100  # requests before the memory is read
 
 
 def resized(bank: Path, n: int, out: Path) -> Path:
@@ -79,12 +81,12 @@ def serve_cmd(repo: Path, port: int) -> list[str]:
 
 
 def measure(repo: Path, models: list[str], texts: list[str], settings: Settings, load: bool) -> dict:
-    """Serve ``repo``; every model in ``models`` answers one request, then the RSS is read; with ``load``, one
-    closed-loop cell at concurrency 32 with 1-text requests cycling over ``models``."""
+    """Serve ``repo``; WARM requests cycling over ``models`` (every model answers at least one), then the RSS is read;
+    with ``load``, one closed-loop cell at concurrency 32 with 1-text requests cycling over ``models``."""
     port = free_port()
     with server(repo.name, serve_cmd(repo, port), port, settings.startup_timeout_s) as s:
-        for i, model in enumerate(models):
-            post(port, {"texts": [texts[i % len(texts)]], "model": model})
+        for i in range(max(WARM, len(models))):  # the same warm-up for every system: the arena grows with it
+            post(port, {"texts": [texts[i % len(texts)]], "model": models[i % len(models)]})
         time.sleep(0.5)
         row = {"models": len(models), "rss_mb": ProcSampler(s.proc.pid).rss_mb(), "startup_s": round(s.startup_s, 1)}
         if load:
@@ -127,27 +129,41 @@ def served_parity(bank: Path, texts: list[str], rows: int = 32) -> dict:
     }
 
 
-def bankload(bank: Path, single: Path, run: Path, sizes: tuple[int, ...], separates: tuple[int, ...], settings: Settings) -> dict:
+def bankload(
+    bank: Path, single: Path, run: Path, sizes: tuple[int, ...], separates: tuple[int, ...], settings: Settings, rounds: int = 1
+) -> dict:
+    """Every system ``rounds`` times, in turn (each round starting one system later), and each figure's median."""
     texts = test_texts(run, settings.texts)
-    result = {"bank": str(bank), "single": str(single), "sizes": list(sizes), "bank_rows": [], "separate_rows": []}
+    result = {"bank": str(bank), "single": str(single), "sizes": list(sizes), "rounds": rounds}
     result["served_parity"] = served_parity(bank, texts)
     print(f"served bank vs own exports: {result['served_parity']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bankload-", dir=bank.parent) as tmp:
+        systems = []  # (kind, count, repo, model names, load)
         for n in sizes:
             repo = Path(tmp) / f"bank{n}"
             resized(bank, n, repo / "bank")
-            names = [f"bank/{e.name}" for e in layout.read(repo / "bank")[1]]
-            row = measure(repo, names, texts, settings, load=True)
-            result["bank_rows"].append({"adapters": n, **row})
-            print(f"bank of {n}: {row}", flush=True)
-            shutil.rmtree(repo)
+            systems.append(("adapters", n, repo, [f"bank/{e.name}" for e in layout.read(repo / "bank")[1]], True))
         for n in separates:
             repo = Path(tmp) / f"separate{n}"
-            names = separate(single, n, repo)
-            row = measure(repo, names, texts, settings, load=n == 1)
-            result["separate_rows"].append({"exports": n, **row})
-            print(f"{n} separate exports: {row}", flush=True)
-            shutil.rmtree(repo)
+            systems.append(("exports", n, repo, separate(single, n, repo), n == 1))
+        runs: dict[int, list[dict]] = {i: [] for i in range(len(systems))}
+        for r in range(rounds):
+            for k in range(len(systems)):
+                i = (k + r) % len(systems)
+                kind, n, repo, names, load = systems[i]
+                row = measure(repo, names, texts, settings, load)
+                runs[i].append(row)
+                print(
+                    f"round {r + 1}, {n} {'adapters in a bank' if kind == 'adapters' else 'separate exports'}: {row}", flush=True
+                )
+    result["bank_rows"], result["separate_rows"] = [], []
+    for i, (kind, n, _, _, _) in enumerate(systems):
+        rows = runs[i]
+        med = {
+            k: float(np.median([row[k] for row in rows])) for k in ("rss_mb", "texts_per_s", "p50_ms", "p99_ms") if k in rows[0]
+        }
+        entry = {kind: n, **med, "each_round": rows}
+        result["bank_rows" if kind == "adapters" else "separate_rows"].append(entry)
     one = result["separate_rows"][0] if result["separate_rows"] else None
     if one:
         for r in result["bank_rows"]:
@@ -188,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=csv_ints, default=SIZES, help="bank sizes (default 1,10,100)")
     ap.add_argument("--separate", type=csv_ints, default=(1, 10), help="numbers of separate exports (default 1,10)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per load cell")
+    ap.add_argument("--rounds", type=int, default=3, help="times each system runs, in turn (medians are reported)")
     ap.add_argument("--out", type=Path, default=None, help="folder for bankload.json (default: the bank's parent)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = Settings(duration_s=args.duration)
     try:
-        result = bankload(args.bank, args.single, args.run, args.sizes, args.separate, settings)
+        result = bankload(args.bank, args.single, args.run, args.sizes, args.separate, settings, args.rounds)
     except EdgetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
