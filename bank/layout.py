@@ -10,6 +10,17 @@ tensor, each with the adapters along axis 0, gathered per row inside the graph:
   lora_a.{i}    (A, in, r)         LoRA on the bank's i-th target module: A^T
   lora_b.{i}    (A, r, out)        and B^T * alpha / r, zero-padded to the bank's r
 
+A bank of token classifiers (task TOKEN_CLS; all adapters of a bank share the task) also keeps each adapter's CRF
+(crf.safetensors beside the adapter) in the bank file, zero-padded to the bank's C like the heads:
+
+  crf_start       (A, C)
+  crf_end         (A, C)
+  crf_transitions (A, C, C)        [from, to]
+
+These are not graph inputs: the graph returns emissions and the server decodes each row with its adapter's CRF,
+sliced to that adapter's tag count (so padded tags are never chosen). An adapter without a CRF has zeros there, under
+which Viterbi is the argmax of each word. ``input_names`` lists the graph's bank inputs, ``decode_names`` the rest.
+
 C (the most labels of any adapter) and r (the largest rank) are dynamic axes of the graph, so an adapter with more
 labels or a larger rank re-pads the others. The export and the server both build slots with ``slot`` below, so the
 layout has one owner. The server keeps it free of torch.
@@ -34,6 +45,9 @@ PEFT_FAMILIES = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED = ("ready", "versions", "infer", "load", "unload")  # path words of the v2 routes a bank adapter appears in
 PEFT_CONFIG, PEFT_WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
+CRF_WEIGHTS = "crf.safetensors"  # a tagging adapter's CRF head (start, end, transitions), beside its PEFT files
+TASKS = ("SEQ_CLS", "TOKEN_CLS")  # PEFT task_types a bank holds: classifiers, token classifiers (taggers)
+CRF_NAMES = ("crf_start", "crf_end", "crf_transitions")  # a tagging bank's decode tensors (not graph inputs)
 HEADS = ("base_model.classifier", "base_model.model.classifier")  # PEFT's classifier names (prompt learning, LoRA)
 LORA_PREFIX = "base_model.model."
 
@@ -47,7 +61,7 @@ class Spec:
     """What every adapter of a bank shares: the graph was built for it."""
 
     family: str  # prefix | prompt | lora
-    task: str  # SEQ_CLS (the only one banked so far)
+    task: str  # SEQ_CLS | TOKEN_CLS
     base_model: str  # the adapters' base_model_name_or_path
     layers: int
     heads: int
@@ -76,6 +90,7 @@ class PeftAdapter:
     labels: list[str]
     sha256: str
     source: str
+    crf: dict[str, np.ndarray] | None = None  # a tagger's CRF: start (C,), end (C,), transitions (C, C)
 
     @property
     def family(self) -> str:
@@ -116,8 +131,8 @@ def read_peft(folder: str | Path) -> PeftAdapter:
     if not isinstance(config, dict) or config.get("peft_type") not in PEFT_FAMILIES:
         got = config.get("peft_type") if isinstance(config, dict) else config
         raise BankError(f"{d / PEFT_CONFIG}: peft_type {got!r} cannot be banked (one of {', '.join(PEFT_FAMILIES)})")
-    if config.get("task_type") != "SEQ_CLS":
-        raise BankError(f"{d / PEFT_CONFIG}: task_type {config.get('task_type')!r}; banks serve classifiers (SEQ_CLS)")
+    if config.get("task_type") not in TASKS:
+        raise BankError(f"{d / PEFT_CONFIG}: task_type {config.get('task_type')!r}; banks serve {' or '.join(TASKS)} adapters")
     for k, t in tensors.items():
         if not np.isfinite(t).all():
             raise BankError(f"adapter tensor {k} holds NaN or inf")
@@ -130,7 +145,24 @@ def read_peft(folder: str | Path) -> PeftAdapter:
             raise BankError(f"{d / LABELS} is not readable JSON: {e}") from None
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(labels) != weight.shape[0]:
         raise BankError(f"{d / LABELS} must list the classifier's {weight.shape[0]} label names")
-    return PeftAdapter(config, tensors, labels, sha256_of(d / PEFT_WEIGHTS), str(d))
+    return PeftAdapter(config, tensors, labels, sha256_of(d / PEFT_WEIGHTS), str(d), read_crf(d, config, len(labels)))
+
+
+def read_crf(d: Path, config: dict, tags: int) -> dict[str, np.ndarray] | None:
+    """A tagging adapter's CRF (crf.safetensors), checked; None where there is none (or for a classifier)."""
+    path = d / CRF_WEIGHTS
+    if config.get("task_type") != "TOKEN_CLS" or not path.is_file():
+        return None
+    try:
+        crf = {k: v.astype(np.float32, copy=False) for k, v in load_file(str(path)).items()}
+    except (OSError, SafetensorError, ValueError) as e:
+        raise BankError(f"{path} is unreadable: {e}") from None
+    want = {"start": (tags,), "end": (tags,), "transitions": (tags, tags)}
+    if {k: v.shape for k, v in crf.items()} != want:
+        raise BankError(f"{path} does not hold a CRF for {tags} tags (start, end, transitions)")
+    if not all(np.isfinite(v).all() for v in crf.values()):
+        raise BankError(f"{path} holds NaN or inf")
+    return crf
 
 
 def lora_pairs(adapter: PeftAdapter) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -150,6 +182,8 @@ def lora_pairs(adapter: PeftAdapter) -> dict[str, tuple[np.ndarray, np.ndarray]]
 def check(spec: Spec, adapter: PeftAdapter) -> None:
     """Raises BankError, naming the difference, where ``adapter`` does not fit a bank built for ``spec``."""
     c = adapter.config
+    if c.get("task_type") != spec.task:
+        raise BankError(f"the adapter's task_type is {c.get('task_type')!r}; this bank holds {spec.task} adapters")
     if adapter.family != spec.family:
         raise BankError(f"the adapter is {c['peft_type']} ({adapter.family}); this bank holds {spec.family} adapters")
     if c.get("base_model_name_or_path") != spec.base_model:
@@ -165,6 +199,11 @@ def slot(spec: Spec, adapter: PeftAdapter) -> dict[str, np.ndarray]:
     weight, bias = head_of(adapter.tensors)
     out = {"head_weight": np.ascontiguousarray(weight.T), "head_bias": bias}  # (H, C), (C,)
     out.update(FAMILIES[spec.family].slot(spec, adapter))
+    if spec.task == "TOKEN_CLS":  # the CRF, or zeros (Viterbi under zeros is each word's argmax)
+        c = weight.shape[0]
+        crf = adapter.crf or {"start": np.zeros(c, np.float32), "end": np.zeros(c, np.float32),
+                              "transitions": np.zeros((c, c), np.float32)}  # fmt: skip
+        out.update({name: crf[name[4:]] for name in CRF_NAMES})
     return out
 
 
@@ -257,10 +296,13 @@ def read(folder: Path, spec: Spec | None = None) -> tuple[Spec, list[Entry], dic
         raise BankError(f"{path} was built for {stored.to_dict()}, not {spec.to_dict()}")
     if len({e.name for e in entries}) != len(entries) or not entries:
         raise BankError(f"{path} must name at least one adapter, each once")
-    want = set(input_names(stored))
+    want = set(input_names(stored)) | set(decode_names(stored))
     if set(tensors) != want or any(t.shape[0] != len(entries) for t in tensors.values()):
         raise BankError(f"{path} does not hold {sorted(want)} for {len(entries)} adapters")
     classes = tensors["head_bias"].shape[1]
+    crf_shapes = {"crf_start": (classes,), "crf_end": (classes,), "crf_transitions": (classes, classes)}
+    if stored.task == "TOKEN_CLS" and any(tensors[n].shape[1:] != crf_shapes[n] for n in CRF_NAMES):
+        raise BankError(f"{path}: the CRF tensors do not match the heads' {classes} tags")
     for e in entries:
         if len(e.labels) > classes:
             raise BankError(f"adapter {e.name} names {len(e.labels)} labels; the bank's heads have {classes}")
@@ -271,6 +313,20 @@ def input_names(spec: Spec) -> list[str]:
     """The bank tensors, in the graph's input order (after input_ids, attention_mask, adapter_index)."""
     tail = FAMILIES[spec.family].names(spec)
     return ["head_weight", "head_bias", *tail]
+
+
+def decode_names(spec: Spec) -> list[str]:
+    """The bank tensors that are not graph inputs: a tagging bank's CRFs, which the server decodes with."""
+    return list(CRF_NAMES) if spec.task == "TOKEN_CLS" else []
+
+
+def crf_of(tensors: dict[str, np.ndarray], slot: int, tags: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A tagging bank adapter's CRF (start, end, transitions), float64, sliced to its ``tags``: what each of its rows
+    is decoded with (text.words.viterbi over the row's emissions[:, :tags]), so padded tags are never chosen; zeros
+    for an adapter without a CRF, under which Viterbi is each word's argmax. The export's gate and the server both
+    decode so."""
+    start, end, transitions = (tensors[n][slot].astype(np.float64) for n in CRF_NAMES)
+    return start[:tags], end[:tags], transitions[:tags, :tags]
 
 
 # --- the method families: what each adds to the bank (its tensors, its checks, what its spec records) ----------------

@@ -105,8 +105,9 @@ def bank_main(args) -> int:
     own = p["max_abs_diff_vs_own_export"]
     print(
         f"bank: {args.bank}/model.onnx, {len(m['adapters'])} {m['method']} adapters; parity max |diff| "
-        f"{p['max_abs_diff']:.2e} over {p['n_samples']} rows in mixed batches {p['batch_sizes']}, argmax agree "
-        f"{p['argmax_agree']:.0%}, weakest adapter effect {p['min_adapter_effect']:.2f}"
+        f"{p['max_abs_diff']:.2e} over {p['n_samples']} rows in mixed batches {p['batch_sizes']}, "
+        + (f"paths agree {p['paths_agree']:.0%}" if "paths_agree" in p else f"argmax agree {p['argmax_agree']:.0%}")
+        + f", weakest adapter effect {p['min_adapter_effect']:.2f}"
         + (f"; vs {p['own_exports_compared']} adapters' own exports max |diff| {own:.2e}" if own is not None else "")
         + f"; fused {m['fused_ops']}"
     )

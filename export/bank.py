@@ -10,6 +10,12 @@ gathers each row's adapter inside the graph:
 - LoRA: each target projection adds the row's low-rank update, x @ A^T @ (B^T alpha / r), to the frozen base;
 - every row goes through its adapter's classifier, padded to the bank's largest label set.
 
+A bank of token classifiers (task TOKEN_CLS) also takes ``word_index`` (B, W) after attention_mask and returns
+``emissions`` (B, W, C) at each word's first piece (as an emissions-only single export does): each token through its
+row's head, the prompt family's virtual positions dropped. The adapters' CRFs stay out of the graph, in the bank file
+(bank/layout.py), for the server to decode each row with; the gate decodes the same way and compares the paths with
+each adapter's eager decode.
+
 The parity gate serves every adapter's sentences through the bank in batches that mix adapters, with padding, and
 compares each row with that adapter's eager PyTorch model; where an adapter folder sits in a run folder with its own
 export (RUN/adapter, RUN/export/model.onnx), the rows are also compared with that graph.
@@ -32,6 +38,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from adapters.config import load_config, run_config
+from adapters.crf import decode_tags
 from adapters.eager import bare_model, load_model, reference_model
 from adapters.errors import EdgetuneError, ParityError
 from adapters.methods import freeze
@@ -44,10 +51,14 @@ from export.graph import OPSET, optimize
 from export.parity import DEFAULT_TOLERANCE, diff_bound, float64_copy
 from export.prefix_op import export_prefix_op
 from export.run import TOKENIZER_FILES, replace_folder
-from train.splits import parity_texts
+from text.words import first_pieces, viterbi
+from text.words import word_index as word_index_of
+from train.splits import dev_split, parity_texts
 from train.staging import staging_dir
+from train.tagging import gather_words
 
 BANK_INPUTS = ("input_ids", "attention_mask", "adapter_index")
+TAG_BANK_INPUTS = ("input_ids", "attention_mask", "word_index", "adapter_index")  # a tagging bank's
 ROWS_PER_ADAPTER = 8  # parity sentences per adapter
 BATCH_SIZES = (1, 8, 32)  # the gate's mixed batches, repeated over all rows
 
@@ -59,7 +70,9 @@ class RowHead(nn.Module):
     weight: torch.Tensor
     bias: torch.Tensor
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, C)
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, C); a tagger's (B, S, H) -> (B, S, C)
+        if pooled.dim() == 3:
+            return torch.matmul(pooled, self.weight) + self.bias.unsqueeze(1)
         return torch.matmul(pooled.unsqueeze(1), self.weight).squeeze(1) + self.bias
 
 
@@ -158,7 +171,8 @@ class PromptBankGraph(BankGraph):
         prompt = rows["prompt"]  # (B, P, H)
         embeds = torch.cat([prompt, self.base.base_model.embeddings.word_embeddings(input_ids)], dim=1)
         mask = torch.cat([torch.ones_like(attention_mask[:, :1]).expand(-1, prompt.shape[1]), attention_mask], dim=1)
-        return self.base(inputs_embeds=embeds, attention_mask=mask).logits
+        logits = self.base(inputs_embeds=embeds, attention_mask=mask).logits
+        return logits[:, prompt.shape[1] :] if logits.dim() == 3 else logits  # a tagger: the real tokens only
 
 
 class LoraBankGraph(BankGraph):
@@ -185,8 +199,27 @@ class LoraBankGraph(BankGraph):
 GRAPHS = {"prefix": PrefixBankGraph, "prompt": PromptBankGraph, "lora": LoraBankGraph}  # Spec.family -> its graph
 
 
-def trace_bank(module: BankGraph, tensors: dict[str, np.ndarray], path: Path, example_len: int = 16) -> None:
-    """TorchScript-export the bank graph with dynamic batch, sequence, adapter, label and rank axes."""
+class TagBankGraph(nn.Module):
+    """forward(input_ids, attention_mask, word_index, adapter_index, head_weight, head_bias, *bank) -> emissions
+    (B, W, C): a family's bank graph over token classifiers, at each word's first piece."""
+
+    def __init__(self, inner: BankGraph) -> None:
+        super().__init__()
+        self.inner, self.names, self.FUSED_ATTENTION = inner, inner.names, inner.FUSED_ATTENTION
+
+    def forward(self, input_ids, attention_mask, word_index, adapter_index, head_weight, head_bias, *bank):
+        return gather_words(self.inner(input_ids, attention_mask, adapter_index, head_weight, head_bias, *bank), word_index)
+
+
+def bank_graph(model: nn.Module, spec: layout.Spec) -> nn.Module:
+    """The module to trace for a bank of ``spec``: its family's graph, for a tagging bank under TagBankGraph."""
+    module = GRAPHS[spec.family](model, spec, layout.input_names(spec)[2:])
+    return TagBankGraph(module) if spec.task == "TOKEN_CLS" else module
+
+
+def trace_bank(module: nn.Module, tensors: dict[str, np.ndarray], path: Path, example_len: int = 16) -> None:
+    """TorchScript-export the bank graph with dynamic batch, sequence, adapter, label and rank axes (and words, for a
+    tagging bank)."""
     ids = torch.ones((2, example_len), dtype=torch.long)
     mask = torch.ones((2, example_len), dtype=torch.long)
     mask[1, example_len // 2 :] = 0
@@ -196,6 +229,13 @@ def trace_bank(module: BankGraph, tensors: dict[str, np.ndarray], path: Path, ex
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "adapter_index": {0: "batch"}, "logits": {0: "batch", 1: "labels"},
             "head_weight": {0: "adapters", 2: "labels"}, "head_bias": {0: "adapters", 1: "labels"}}  # fmt: skip
+    args, inputs, output = (ids, mask, index), list(BANK_INPUTS), "logits"
+    if isinstance(module, TagBankGraph):
+        words = torch.arange(1, example_len // 2 + 1).repeat(2, 1)
+        args, inputs, output = (ids, mask, words, index), list(TAG_BANK_INPUTS), "emissions"
+        axes["word_index"] = {0: "batch", 1: "words"}
+        axes["emissions"] = {0: "batch", 1: "words", 2: "labels"}
+        del axes["logits"]
     for n in module.names:  # each LoRA target's rank: the last axis of its A^T, the first of its B^T
         rank = {"lora_a": {2: f"rank{n[6:]}"}, "lora_b": {1: f"rank{n[6:]}"}}.get(n[:6], {})
         axes[n] = {0: "adapters", **rank}
@@ -204,12 +244,12 @@ def trace_bank(module: BankGraph, tensors: dict[str, np.ndarray], path: Path, ex
         warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python control flow in transformers
         torch.onnx.export(
             module.eval(),
-            (ids, mask, index, *bank),
+            (*args, *bank),
             str(path),
             dynamo=False,
             opset_version=OPSET,
-            input_names=[*BANK_INPUTS, *names],
-            output_names=["logits"],
+            input_names=[*inputs, *names],
+            output_names=[output],
             dynamic_axes=axes,
             do_constant_folding=True,
         )
@@ -235,12 +275,14 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def adapter_config(folder: Path, data: str):
+def adapter_config(folder: Path, data: str, tagging: bool = False):
     """The run config an adapter's gate sentences and max_length come from: its run's (RUN/config.yaml beside
-    RUN/adapter), else the defaults with ``data``."""
+    RUN/adapter), else the defaults with ``data`` (for a tagger: task=tagging, data ``data`` or wnut16)."""
     run = folder.resolve().parent
     if folder.resolve().name == "adapter" and (run / "config.yaml").is_file():
         return run_config(run)
+    if tagging:
+        return load_config(None, ["task=tagging", f"data={data or 'wnut16'}"])
     return load_config(None, [f"data={data}"] if data else [])
 
 
@@ -331,6 +373,94 @@ def check_bank_parity(session, bank, refs, rows, tok, max_length, tolerance=None
     return result
 
 
+@torch.inference_mode()
+def check_bank_tagging_parity(session, bank, refs, rows, tok, max_length, tolerance=None, seed=0) -> dict:
+    """check_bank_parity for a tagging bank: ``rows`` are (adapter slot, words) pairs, ``refs[slot]`` (eager, float64
+    copy, bare, own export session or None, tag count); each row's emissions at its words' first pieces against its
+    adapter's eager model (alone, unpadded), and its path (Viterbi with layout.crf_of, as the server decodes) against
+    the eager decode (its CRF's Viterbi, or the argmax).
+
+    Raises:
+        ParityError: emissions differ by more than the tolerance, a decoded path differs, or an adapter changes its
+            rows' emissions by less than 10x the tolerance.
+    """
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    graph_inputs = {i.name for i in session.get_inputs()}
+    feeds_bank = {k: v for k, v in bank.items() if k in graph_inputs}
+    diffs, ref_errs, own = [], [], []
+    scale, agree, n = 0.0, 0, 0
+    effect = [0.0] * len(refs)
+    start, sizes = 0, []
+    while start < len(order):
+        size = BATCH_SIZES[len(sizes) % len(BATCH_SIZES)]
+        batch = order[start : start + size]
+        start += size
+        sizes.append(len(batch))
+        enc = tok([w for _, w in batch], is_split_into_words=True, padding=True, truncation=True, max_length=max_length,
+                  return_tensors="np")  # fmt: skip
+        positions = [first_pieces(enc.word_ids(i))[0] for i in range(len(batch))]
+        index_words, mask_words = word_index_of(positions)
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        index = np.asarray([a for a, _ in batch], np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "word_index": index_words, "adapter_index": index}
+        out = session.run(["emissions"], {**feeds_bank, **feeds})[0]
+        for r, (a, _) in enumerate(batch):
+            eager, exact, bare, single, labels = refs[a]
+            words = len(positions[r])
+            keep = int(mask[r].sum())  # each row alone, unpadded: what the eager model gives it
+            ti, tm = torch.from_numpy(ids[r : r + 1, :keep]), torch.from_numpy(mask[r : r + 1, :keep])
+            wi = torch.from_numpy(index_words[r : r + 1, :words])
+            ref = gather_words(eager(ti, tm).float(), wi)  # (1, n, C)
+            x = gather_words(exact(ti, tm), wi).numpy()[0]
+            got = out[r, :words, :labels]
+            diffs.append(float(np.abs(got - ref.numpy()[0]).max(initial=0.0)))
+            ref_errs.append(float(np.abs(ref.numpy()[0] - x).max(initial=0.0)))
+            scale = max(scale, float(np.abs(x).max(initial=0.0)))
+            want = decode_tags(eager.crf, ref, torch.ones((1, words), dtype=torch.bool))[0].tolist()
+            agree += int(viterbi(got.astype(np.float64), words, *layout.crf_of(bank, a, labels)) == want)
+            base = gather_words(bare(ti, tm).float(), wi).numpy()[0]
+            effect[a] = max(effect[a], float(np.abs(ref.numpy()[0] - base).max(initial=0.0)))
+            if single is not None:
+                single_feeds = {"input_ids": ids[r : r + 1, :keep], "attention_mask": mask[r : r + 1, :keep],
+                                "word_index": index_words[r : r + 1, :words],
+                                "word_mask": mask_words[r : r + 1, :words]}  # fmt: skip
+                names = {i.name for i in single.get_inputs()}
+                theirs = single.run(["emissions"], {k: v for k, v in single_feeds.items() if k in names})[0][0]
+                own.append(float(np.abs(got - theirs).max(initial=0.0)))
+            n += 1
+    if tolerance is None:
+        tolerance = max(DEFAULT_TOLERANCE, diff_bound(max(ref_errs), scale))
+    result = {
+        "max_abs_diff": max(diffs),
+        "paths_agree": agree / n,
+        "n_samples": n,
+        "batch_sizes": sizes,
+        "adapters": len(refs),
+        "min_adapter_effect": min(effect),
+        "tolerance": tolerance,
+        "reference_error": max(ref_errs),
+        "scale": scale,
+        "provider": session.get_providers()[0],
+        "max_abs_diff_vs_own_export": max(own) if own else None,
+        "own_exports_compared": sum(r[3] is not None for r in refs),
+    }
+    if not result["max_abs_diff"] <= tolerance:
+        raise ParityError(
+            f"bank parity gate failed: a row's emissions differ from its adapter's eager PyTorch model by "
+            f"{result['max_abs_diff']:.3g} (tolerance {tolerance:g}); the bank is not kept"
+        )
+    if agree < n:
+        raise ParityError(f"bank parity gate failed: the decoded tags differ on {n - agree} of {n} rows; the bank is not kept")
+    weakest = int(np.argmin(effect))
+    if effect[weakest] < 10 * tolerance:
+        raise ParityError(
+            f"bank parity gate failed: adapter {weakest} changes its rows' emissions by only {effect[weakest]:.3g}, too "
+            "little to check that the bank applies it (is it trained?)"
+        )
+    return result
+
+
 def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {p: (m.in_features, m.out_features) for p, m in model.named_modules() if isinstance(m, nn.Linear)}
 
@@ -358,8 +488,9 @@ def export_bank(
     except layout.BankError as e:
         raise EdgetuneError(str(e)) from None
     tensors = layout.stack([layout.slot(spec, a) for a in peft])
-    module = GRAPHS[spec.family](model, spec, layout.input_names(spec)[2:])
-    max_length = adapter_config(named[0][1], data).max_length
+    tagging = spec.task == "TOKEN_CLS"
+    module = bank_graph(model, spec)
+    max_length = adapter_config(named[0][1], data, tagging).max_length
     tok = AutoTokenizer.from_pretrained(base_path)
 
     refs, rows = [], []
@@ -371,7 +502,12 @@ def export_bank(
         single = own_export(folder)
         session = ort.InferenceSession(str(single), providers=["CPUExecutionProvider"]) if single else None
         refs.append((eager, float64_copy(eager), bare, session, len(adapter.label_names)))
-        rows += [(slot, t) for t in parity_texts(adapter_config(folder, data), ROWS_PER_ADAPTER)]
+        cfg = adapter_config(folder, data, tagging)
+        if tagging:  # real sentences, as words
+            rows += [(slot, list(words)) for words in list(dev_split(cfg).tokens)[:ROWS_PER_ADAPTER]]
+        else:
+            rows += [(slot, t) for t in parity_texts(cfg, ROWS_PER_ADAPTER)]
+    gate = check_bank_tagging_parity if tagging else check_bank_parity
 
     with staging_dir(out.parent, f".{out.name}.") as tmp:
         trace_bank(module, tensors, tmp / "raw.onnx")
@@ -381,7 +517,7 @@ def export_bank(
         fused = optimize(tmp / "raw.onnx", tmp / "model.onnx", c.num_attention_heads, c.hidden_size, expected)
         (tmp / "raw.onnx").unlink()
         session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
-        parity = check_bank_parity(session, tensors, refs, rows, tok, max_length, tolerance)
+        parity = gate(session, tensors, refs, rows, tok, max_length, tolerance)
         prefix_op = None
         if isinstance(module, PrefixBankGraph):  # each row's prefix into edgetune.PrefixAttention (kernels/ort/), same gate
             prefix_op = export_prefix_op(
@@ -396,12 +532,13 @@ def export_bank(
         manifest = {
             "kind": "bank",
             "method": spec.family,
-            "task": "sequence-classification",
+            "task": "token-classification" if tagging else "sequence-classification",
             "spec": spec.to_dict(),
             "base_model": str(base_path),
             "adapters": [e.name for e in entries],
             "inputs": [i.name for i in session.get_inputs()],
-            "outputs": ["logits"],
+            "outputs": ["emissions" if tagging else "logits"],
+            "decode": (["crf" if a.crf is not None else "argmax" for a in peft] if tagging else None),
             "max_length": max_length,
             "max_positions": c.max_position_embeddings - virtual,
             "num_virtual_tokens": virtual,

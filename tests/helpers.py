@@ -112,6 +112,32 @@ def random_peft_adapter(base_dir: Path, peft_config, out_dir: Path, num_labels: 
     return out_dir
 
 
+TAGS = (3, 5, 7)  # tagging_adapters' tag-set sizes (WNUT-16-style B-/I- sets); the second adapter has a CRF
+
+
+def tagging_adapters(root: Path, base_dir: Path, family: str = "prefix") -> list[Path]:
+    """Three PEFT-written TOKEN_CLS adapters of ``family`` on ``base_dir`` (run-like folders tagger{i}/adapter), tag
+    sets of TAGS sizes, the second with a random CRF (crf.safetensors) whose transitions change its paths."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+    from safetensors.numpy import save_file
+
+    config = {"prefix": PrefixTuningConfig(task_type=TaskType.TOKEN_CLS, num_virtual_tokens=5),
+              "prompt": PromptTuningConfig(task_type=TaskType.TOKEN_CLS, num_virtual_tokens=4),
+              "lora": LoraConfig(task_type=TaskType.TOKEN_CLS, r=4, lora_alpha=8, target_modules=["query", "value"])}[family]  # fmt: skip
+    out = []
+    for i, tags in enumerate(TAGS):
+        folder = root / f"tagger{i}" / "adapter"
+        random_peft_adapter(base_dir, config, folder, num_labels=tags, seed=10 + i)
+        names = ["O", *[f"{p}-t{i}k{k}" for k in range(1, (tags - 1) // 2 + 1) for p in "BI"]][:tags]
+        (folder / "labels.json").write_text(json.dumps(names))
+        if i == 1:
+            rng = np.random.default_rng(i)
+            crf = {"start": rng.normal(size=tags), "end": rng.normal(size=tags), "transitions": 3 * rng.normal(size=(tags, tags))}
+            save_file({k: v.astype(np.float32) for k, v in crf.items()}, str(folder / "crf.safetensors"))
+        out.append(folder)
+    return out
+
+
 def _as_float64(x) -> np.ndarray:
     return x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
 

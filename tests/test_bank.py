@@ -19,7 +19,8 @@ from adapters.prefix import split_prefix_table
 from bank import layout
 from export import bank as bank_export
 from export.run import export_run
-from tests.helpers import random_peft_adapter
+from tests.helpers import TAGS, random_peft_adapter, tagging_adapters
+from text.words import viterbi
 
 CLS = TaskType.SEQ_CLS
 FAMILIES = {
@@ -122,3 +123,84 @@ def test_adapters_that_do_not_fit_are_refused_by_name(tiny_bert, tmp_path):
     with pytest.raises(EdgetuneError, match="adapter name"):
         bank_export.export_bank(tmp_path / "bank", [f"../x={prefix}"], str(tiny_bert))
     assert not (tmp_path / "bank").exists()
+
+
+@pytest.fixture(scope="module", params=["prefix", "prompt", "lora"])
+def tag_bank(request, tmp_path_factory, tiny_bert):
+    root = tmp_path_factory.mktemp(f"tag_bank_{request.param}")
+    folders = tagging_adapters(root, tiny_bert, request.param)
+    export_run(folders[1].parent, str(tiny_bert), int8=False, adapter_dir=folders[1], data="wnut16", fp16=False, triton=False)
+    manifest = bank_export.export_bank(root / "bank", [str(f) for f in folders], str(tiny_bert))
+    return root / "bank", manifest, folders
+
+
+def test_a_tagging_bank_matches_each_adapter(tag_bank):
+    """Token classifiers of three tag-set sizes, one with a CRF: every row's emissions at its words equal its adapter's
+    eager model and its own export, and its decoded path the eager decode; the CRFs travel in the bank file."""
+    out, manifest, folders = tag_bank
+    assert manifest["task"] == "token-classification" and manifest["outputs"] == ["emissions"]
+    assert manifest["decode"] == ["argmax", "crf", "argmax"] and manifest["prefix_op"] is None
+    p = manifest["parity"]
+    assert p["adapters"] == 3 and p["paths_agree"] == 1.0 and p["max_abs_diff"] <= 1e-4
+    assert p["n_samples"] == 3 * bank_export.ROWS_PER_ADAPTER and max(p["batch_sizes"]) > 1
+    assert p["own_exports_compared"] == 1 and p["max_abs_diff_vs_own_export"] <= 1e-4
+    assert p["min_adapter_effect"] > 10 * p["tolerance"]
+    spec = layout.Spec.from_dict(manifest["spec"])
+    _, entries, tensors = layout.read(out, spec)
+    assert spec.task == "TOKEN_CLS" and [len(e.labels) for e in entries] == list(TAGS)
+    assert set(layout.decode_names(spec)) == {"crf_start", "crf_end", "crf_transitions"}
+    assert not set(layout.decode_names(spec)) & set(manifest["inputs"])  # the CRFs are not graph inputs
+    assert manifest["inputs"][:4] == list(bank_export.TAG_BANK_INPUTS)
+    assert tensors["crf_transitions"].shape == (3, max(TAGS), max(TAGS)) and not tensors["crf_start"][[0, 2]].any()
+    assert not tensors["crf_transitions"][1, TAGS[1] :].any()  # padded tags hold zeros, sliced off when decoding
+
+
+def test_a_tagging_bank_with_swapped_adapters_fails_the_gate(tag_bank, tiny_bert):
+    from transformers import AutoTokenizer
+
+    out, manifest, folders = tag_bank
+    _, _, tensors = layout.read(out, layout.Spec.from_dict(manifest["spec"]))
+    refs = []
+    for slot, folder in enumerate(folders):
+        adapter = bank_export.load_adapter(folder)
+        model = bank_export.load_model(tiny_bert, adapter)
+        frozen = bank_export.freeze(adapter, model)
+        bare = bank_export.bare_model(model, frozen)  # before the adapter goes onto the model (LoRA: in place)
+        eager = bank_export.reference_model(model, adapter, frozen)
+        refs.append((eager, bank_export.float64_copy(eager), bare, None, TAGS[slot]))
+    sentences = [["Going", "to", "Paris", "with", "John", "Smith"], ["watching", "the", "Lakers", "tonight"], ["hi"]]
+    rows = [(a, w) for a in range(3) for w in sentences]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    bank_export.check_bank_tagging_parity(session, tensors, refs, rows, tok, 64)
+    swapped = {k: (v[[1, 0, 2]] if not k.startswith(("head_", "crf_")) else v) for k, v in tensors.items()}
+    with pytest.raises(ParityError, match="differ"):  # two adapters' prefixes (prompts, LoRA pairs) swapped
+        bank_export.check_bank_tagging_parity(session, swapped, refs, rows, tok, 64)
+    crf_swapped = {**tensors, "crf_transitions": -tensors["crf_transitions"]}  # the decode uses the bank's CRF
+    with pytest.raises(ParityError, match="decoded tags differ"):
+        bank_export.check_bank_tagging_parity(session, crf_swapped, refs, rows, tok, 64)
+
+
+def test_decode_slices_to_the_adapters_tags():
+    """Padded tags are never chosen: each row decodes over its adapter's own tags only."""
+    rng = np.random.default_rng(0)
+    bank = {"crf_start": np.zeros((1, 5), np.float32), "crf_end": np.zeros((1, 5), np.float32),
+            "crf_transitions": np.zeros((1, 5, 5), np.float32)}  # fmt: skip
+    bank["crf_transitions"][0, :3, :3] = rng.normal(size=(3, 3))
+    emissions = rng.normal(size=(4, 5)).astype(np.float32)
+    emissions[:, 3:] = 100.0  # padded columns that would win if they were read
+    start, end, t = layout.crf_of(bank, 0, 3)
+    assert start.shape == end.shape == (3,) and t.shape == (3, 3)
+    np.testing.assert_array_equal(t, bank["crf_transitions"][0, :3, :3])
+    path = viterbi(emissions[:, :3].astype(np.float64), 4, start, end, t)
+    assert max(path) < 3 and path != viterbi(emissions[:, :3].astype(np.float64), 4, start, end, np.zeros((3, 3)))
+
+
+def test_a_bank_holds_one_task(tiny_bert, tmp_path):
+    cls = random_peft_adapter(tiny_bert, PrefixTuningConfig(task_type=CLS, num_virtual_tokens=5), tmp_path / "c")
+    tag = random_peft_adapter(tiny_bert, PrefixTuningConfig(task_type=TaskType.TOKEN_CLS, num_virtual_tokens=5), tmp_path / "t")
+    with pytest.raises(EdgetuneError, match="task_type is 'TOKEN_CLS'; this bank holds SEQ_CLS adapters"):
+        bank_export.export_bank(tmp_path / "bank", [str(cls), str(tag)], str(tiny_bert))
+    (tag / "crf.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(layout.BankError, match="crf.safetensors is unreadable"):
+        layout.read_peft(tag)
