@@ -6,6 +6,10 @@ tensors and the adapters, never changed once made. A change builds the next snap
 it in; rows already queued keep the snapshot (and so the weights and labels) they were admitted with, and a batch
 whose rows hold two snapshots runs once per snapshot. Each change is written to the bank folder (renamed into place)
 before it is swapped in, so a restarted server serves what the running one did.
+
+A bank of token classifiers (manifest task token-classification) is served by ``BankTagger``: it answers as
+serve/tags.Tagger does (words, tags, entities), each row with its adapter's tag names, decoded here from the graph's
+emissions with its adapter's CRF from the bank file (bank/layout.crf_of), which the session is never fed.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import onnxruntime as ort
 
 from bank import layout
 from serve.runtime import Classifier, Row, ServeError
+from serve.tags import Tagger
+from text.words import viterbi
 
-UPLOAD_FILES = (layout.PEFT_CONFIG, layout.PEFT_WEIGHTS, layout.LABELS)
+UPLOAD_FILES = (layout.PEFT_CONFIG, layout.PEFT_WEIGHTS, layout.LABELS, layout.CRF_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,8 @@ class BankState:
     values: dict[str, ort.OrtValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        values = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0) for k, v in self.tensors.items()}
+        graph = layout.input_names(self.spec)  # a tagging bank's CRFs stay arrays: the server decodes with them
+        values = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self.tensors[k]), self.device, 0) for k in graph}
         object.__setattr__(self, "values", values)
 
     def slot(self, name: str) -> int | None:
@@ -174,3 +181,28 @@ class BankClassifier(Classifier):
     def _swap(self, state: BankState) -> None:
         layout.write(self.export_dir, state.spec, list(state.entries), state.tensors)
         self.state = state
+
+
+class BankTagger(BankClassifier, Tagger):
+    """A tagging bank export folder (manifest kind "bank", task token-classification): rows are split into words as
+    for a Tagger, and each row's emissions are decoded with its adapter's CRF (or argmax) over its own tags."""
+
+    def run(self, rows: list[Row]) -> list[list[int]]:
+        """One session run per bank state among the rows: each row's tag ids, one per kept word."""
+        out: list[list[int] | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            if not isinstance(row.adapter, Adapter):
+                raise ServeError("a bank row without an adapter")
+            groups.setdefault(id(row.adapter.state), []).append(i)
+        for members in groups.values():
+            state = rows[members[0]].adapter.state
+            feeds = self.feeds([rows[i] for i in members])
+            feeds["adapter_index"] = np.asarray([rows[i].adapter.slot for i in members], np.int64)
+            emissions = self.session_run(["emissions"], {**state.values, **feeds})[0]
+            for i, row_emissions in zip(members, emissions, strict=True):
+                row = rows[i]
+                tags = len(row.adapter.labels)
+                crf = layout.crf_of(state.tensors, row.adapter.slot, tags)
+                out[i] = viterbi(row_emissions[: len(row.kept), :tags].astype(np.float64), len(row.kept), *crf)
+        return out

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.bank import Adapter, BankClassifier
+from serve.bank import Adapter, BankClassifier, BankTagger
 from serve.batching import Limits, Scheduler
 from serve.errors import ApiError
 from serve.metrics import Metrics
@@ -233,11 +233,11 @@ def _close_later(scheduler: Scheduler) -> None:
 
 def load_model(export_dir: str | Path, **kw) -> Classifier:
     """The right runtime for an export folder: a Classifier, a Tagger for a token-classification export, a
-    BankClassifier for a bank."""
+    BankClassifier for a bank (a BankTagger for a bank of token classifiers)."""
     manifest = Path(export_dir) / "manifest.json"
     meta = read_json(manifest) if manifest.is_file() else {}
     if meta.get("kind") == "bank":
-        return BankClassifier(export_dir, **kw)
+        return (BankTagger if meta.get("task") == "token-classification" else BankClassifier)(export_dir, **kw)
     if meta.get("task") == "token-classification":
         return Tagger(export_dir, **kw)
     return Classifier(export_dir, **kw)

@@ -65,9 +65,9 @@ class Tagger(Classifier):
         return ids
 
     def result(self, row: Row, out: list[int], top_k: int = 1) -> dict:
-        tags = ["O"] * len(row.words)
+        tags, labels = ["O"] * len(row.words), self.labels_of(row)
         for w, t in zip(row.kept, out, strict=True):
-            tags[w] = self.labels[t]
+            tags[w] = labels[t]
         entities = [
             {"type": typ, "text": " ".join(row.words[a : b + 1]), "start_word": a, "end_word": b}
             for typ, a, b in sorted(spans(tags), key=lambda s: s[1])

@@ -22,7 +22,8 @@ from tokenizers import Tokenizer
 
 from export.bank import export_bank
 from export.run import export_run
-from tests.helpers import random_peft_adapter, request, serving
+from serve.tags import Tagger
+from tests.helpers import random_peft_adapter, request, serving, tagging_adapters
 
 P = 5
 TEXTS = ["book me a flight to paris", "what is my card balance", "play something by miles davis", "hi"]
@@ -193,3 +194,32 @@ def test_bankload_measures_a_bank_against_separate_exports(exported, tiny_bert, 
     assert all(r["texts_per_s"] > 0 and set(r["each_round"][0]["status"]) == {"200"} for r in result["bank_rows"])
     assert result["separate_rows"][1]["rss_mb"] > result["separate_rows"][0]["rss_mb"]
     assert len(tables(result)) == 2 + 2 + 3 + 2
+
+
+TWEETS = ["Going to see the Lakers in Los Angeles with John tonight", "new iPhone from Apple is out", "hi",
+          "@user watching Game of Thrones on HBO , so good"]  # fmt: skip
+
+
+def test_a_tagging_bank_answers_as_each_adapters_own_export(tmp_path, tiny_bert):
+    """A bank of three token classifiers (tag sets of 3, 5 and 7, one with a CRF) served by the real server: each
+    adapter's words, tags and entities equal its own single export's (which decodes in its graph), and an adapter
+    uploaded with its CRF answers as that CRF's export."""
+    folders = tagging_adapters(tmp_path, tiny_bert)
+    own = {}
+    for folder in folders:
+        export_run(folder.parent, str(tiny_bert), int8=False, adapter_dir=folder, data="wnut16", fp16=False, triton=False)
+        own[folder.parent.name] = Tagger(folder.parent / "export", providers="cpu").predict(TWEETS)
+    models = tmp_path / "models"
+    export_bank(models / "tags", [str(f) for f in folders], str(tiny_bert))
+    with serving(models=models) as (base, _):
+        for name, want in own.items():
+            status, out = post(base + "/predict", {"texts": TWEETS, "model": f"tags/{name}"})
+            assert status == 200, out
+            assert out["predictions"] == want, name
+        assert len({json.dumps(p) for p in own.values()}) == 3  # the adapters tag differently
+        files = {f: base64.b64encode((folders[1] / f).read_bytes()).decode()
+                 for f in ("adapter_config.json", "adapter_model.safetensors", "labels.json", "crf.safetensors")}  # fmt: skip
+        status, out = post(base + "/v2/repository/models/tags/load", {"parameters": {"adapter": "up", "files": files}})
+        assert status == 200 and out == {"adapter": "up", "labels": 5, "adapters": 4}, out
+        status, out = post(base + "/predict", {"texts": TWEETS, "model": "tags/up"})
+        assert status == 200 and out["predictions"] == own["tagger1"], out
